@@ -1,0 +1,60 @@
+"""HU window and per-case z-score (paper Sec. 4.1), the only intensity transform the models see.
+
+Training and inference both go through `preprocess`, so a model never meets intensities scaled
+differently from the ones it learnt on. It runs once per case on whole volumes (512x512x300 is
+78 M voxels), so it works in place on one float32 copy and never makes a float64 volume.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from resdsn_ray.config import PreprocessConfig
+from resdsn_ray.errors import InputError
+
+# Below this standard deviation (HU) a case counts as constant: it is centred, not scaled, so a
+# blank or fully clipped volume becomes zeros instead of NaN or huge values.
+MIN_STD = 1e-6
+# Voxels per chunk when summing squared deviations in float64 (8 MiB of float64 at a time).
+_CHUNK = 1 << 20
+
+
+def preprocess(
+    array: np.ndarray,
+    config: PreprocessConfig = PreprocessConfig(),
+    source: str = "<array>",
+) -> np.ndarray:
+    """A new float32 array: HU clipped to [hu_min, hu_max], then z-scored over the case.
+
+    Mean and standard deviation are taken over the clipped volume, accumulated in float64.
+    When the standard deviation is below `MIN_STD` the result is only centred (all zeros for a
+    constant volume). The input is never modified. `source` names the input in errors.
+    """
+    if config.hu_min >= config.hu_max:
+        raise ValueError(f"HU window [{config.hu_min}, {config.hu_max}] is empty")
+    if array.size == 0:
+        raise InputError(source, f"empty image of shape {array.shape}")
+    out = np.array(array, dtype=np.float32, copy=True)
+    np.clip(out, config.hu_min, config.hu_max, out=out)  # NaN stays NaN, +-inf is clipped
+    if not config.zscore:
+        if np.isnan(out.mean(dtype=np.float64)):
+            raise InputError(source, "image contains NaN")
+        return out
+    mean = float(out.mean(dtype=np.float64))
+    if not np.isfinite(mean):
+        raise InputError(source, "image contains NaN")
+    std = _std(out, mean)
+    out -= np.float32(mean)
+    if std >= MIN_STD:
+        out *= np.float32(1.0 / std)
+    return out
+
+
+def _std(values: np.ndarray, mean: float) -> float:
+    """Population standard deviation around `mean`, in float64 chunks (no float64 volume)."""
+    flat = values.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.size, _CHUNK):
+        deviation = flat[start : start + _CHUNK] - np.float32(mean)
+        total += float(np.dot(deviation.astype(np.float64), deviation.astype(np.float64)))
+    return float(np.sqrt(total / flat.size))

@@ -1,0 +1,77 @@
+"""URLs and whole-or-nothing I/O on any fsspec filesystem (local paths, file://, s3://).
+
+S3 goes through s3fs, which honours the standard AWS variables, AWS_ENDPOINT_URL included.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem that holds `uri` and the path inside it."""
+    return url_to_fs(str(uri))
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in str(uri) or str(uri).startswith("file://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or URL with forward slashes."""
+    uri = str(uri)
+    if is_local(uri) and not uri.startswith("file://"):
+        return os.path.join(uri, *parts)
+    return posixpath.join(uri.rstrip("/"), *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write `data` at `uri` whole or not at all: no reader ever sees a partial object.
+
+    Locally: a temporary file beside the target, fsynced, then an atomic rename. On object
+    stores a PUT (or multipart upload) becomes visible only once complete.
+    """
+    fs, path = filesystem(uri)
+    if not is_local(uri):
+        fs.pipe_file(path, data)
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def storage_options(uri: str) -> dict[str, Any]:
+    """Keyword options for readers that take fsspec `storage_options` (pandas, pyarrow)."""
+    if str(uri).startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        return {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
+    return {}
