@@ -45,6 +45,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pydicom
+from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
@@ -119,7 +120,7 @@ def _read_nifti(uri: str, data: bytes) -> Volume:
     try:
         head = stream.read(_NIFTI_PEEK)
         klass = _nifti_class(uri, head)
-        header = klass.header_class.from_fileobj(BytesIO(head))
+        header = klass.header_class.from_fileobj(BytesIO(head), check=False)  # unfixed, to judge it
         shape, dtype = _checked_header(uri, header)
         offset = int(header.get_data_offset())
         needed = offset + int(np.prod(header.get_data_shape(), dtype=np.int64)) * dtype.itemsize
@@ -234,6 +235,14 @@ def _common_meta(fmt: str, array: np.ndarray, affine: np.ndarray, dtype: np.dtyp
 # DICOM series
 
 
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_CT_IMAGE_CLASSES = {
+    str(uid.CTImageStorage),
+    str(uid.EnhancedCTImageStorage),
+    str(uid.LegacyConvertedEnhancedCTImageStorage),
+}
+
+
 @dataclass
 class _Slice:
     uri: str
@@ -266,7 +275,7 @@ def _read_dicom_series(uri: str, fs: Any, path: str) -> Volume:
         raise InputError(uri, f"no DICOM image files in the folder ({len(names)} files, {folders} subfolders)")
     series = Counter(str(s.ds.get("SeriesInstanceUID", "")) for s in slices)
     if len(series) > 1:
-        listing = ", ".join(f"{uid or '<none>'} ({n} files)" for uid, n in series.most_common())
+        listing = ", ".join(f"{key or '<none>'} ({n} files)" for key, n in series.most_common())
         raise InputError(uri, f"holds {len(series)} DICOM series: {listing}; a folder must hold exactly one")
     for s in slices:
         _check_slice(s)
@@ -354,25 +363,34 @@ def _read_dicom_series(uri: str, fs: Any, path: str) -> Volume:
 
 
 def _parse_dicom(file_uri: str, blob: bytes) -> Dataset | None:
-    """The dataset of an image instance; None for files that are not DICOM or hold no pixels.
+    """The dataset of an image instance; None for a file to ignore.
 
-    A file with the DICM preamble that does not parse is an error (it may be a slice); a file
-    without it is read leniently and ignored unless it parses into an image instance.
+    A file with the DICM preamble must parse, and must hold pixel data if it claims to be a CT
+    image (a truncated slice parses silently without its pixels: dropping it could shorten the
+    volume unnoticed). It is ignored only if it is another kind of instance (RTSTRUCT, SR,
+    DICOMDIR). A file without the preamble is read leniently and ignored unless it parses into
+    an image instance.
     """
     marked = blob[128:132] == b"DICM"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(BytesIO(blob), force=not marked)
-            is_image = "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
-            is_image = is_image and "SeriesInstanceUID" in ds
+            has_pixels = any(keyword in ds for keyword in _PIXEL_KEYWORDS)
+            meta = getattr(ds, "file_meta", None) or Dataset()
+            sop_class = str(meta.get("MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
+            claims_image = sop_class in _CT_IMAGE_CLASSES or "Rows" in ds
     except MemoryError:
         raise
     except Exception as exc:
         if marked:
             raise InputError(file_uri, f"unreadable DICOM: {type(exc).__name__}: {exc}") from exc
         return None
-    return ds if is_image else None
+    if has_pixels:
+        return ds
+    if marked and (claims_image or not sop_class):
+        raise InputError(file_uri, "DICOM image without pixel data (a truncated file?)")
+    return None
 
 
 def _check_slice(s: _Slice) -> None:

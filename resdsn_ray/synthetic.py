@@ -63,8 +63,8 @@ def make_case(
     for axis, flip in enumerate(flips):
         if flip:
             image, label = np.flip(image, axis), np.flip(label, axis)
-            affine[:, 3] = affine @ np.eye(4)[axis] * (shape[axis] - 1) + affine[:, 3]
-            affine[:, axis] *= -1
+            affine[:3, 3] += affine[:3, axis] * (shape[axis] - 1)
+            affine[:3, axis] *= -1
     affine[:3, 3] += offset
     return np.ascontiguousarray(image), np.ascontiguousarray(label), affine
 
@@ -216,7 +216,8 @@ def _draw_grid(
     elif draw < 0.85:
         flips = (True, True, False)
     elif draw < 0.95:
-        flips = tuple(axis == rng.integers(3) for axis in range(3))  # type: ignore[assignment]
+        flipped = int(rng.integers(3))
+        flips = tuple(axis == flipped for axis in range(3))  # type: ignore[assignment]
     else:
         axis = rng.normal(size=3)
         rotation = _rotation(axis / np.linalg.norm(axis), np.radians(rng.uniform(3, 10)))
@@ -257,6 +258,46 @@ class _Scene:
     def paint(self, box, dist: np.ndarray, hu: float) -> None:
         _blend(self.image[box], dist, hu, self.edge)
 
+    def ellipsoid(self, centre: np.ndarray, axes, angle: float = 0.0):
+        """(box, dist) of an ellipsoid turned by `angle` about z, or None if off-grid."""
+        reach = max(axes)
+        field = self.field(np.asarray(centre) - reach, np.asarray(centre) + reach)
+        return None if field is None else (field[0], _ellipsoid(*field[1:], centre, axes, angle))
+
+    def inside(self, box, dist: np.ndarray, cavity, inset: float) -> np.ndarray:
+        """`dist` cut to `inset` mm inside the abdominal cavity (organs hug its wall)."""
+        x, y, _ = self.grid.coords(box)
+        return np.maximum(dist, _ellipse(x, y, *cavity) + np.float32(inset))
+
+    def tube(self, points: np.ndarray, radii: np.ndarray, margin: float = 0.0):
+        """(box, dist) of a tube of varying radius along a polyline, or None if off-grid.
+
+        The distance is exact for each segment's cone and computed only in its own box, so a
+        long thin tube costs about its own volume; `margin` mm more of the field is kept.
+        """
+        reach = float(radii.max()) + margin
+        field = self.field(points.min(axis=0) - reach, points.max(axis=0) + reach)
+        if field is None:
+            return None
+        box = field[0]
+        dist = np.full(tuple(s.stop - s.start for s in box), np.inf, dtype=np.float32)
+        for a, b, ra, rb in zip(points[:-1], points[1:], radii[:-1], radii[1:]):
+            pad = max(ra, rb) + margin + self.edge
+            sub = self.grid.block(np.minimum(a, b) - pad, np.maximum(a, b) + pad)
+            if sub is None:
+                continue
+            sub = tuple(slice(max(s.start, o.start), min(s.stop, o.stop)) for s, o in zip(sub, box))
+            x, y, z = self.grid.coords(sub)
+            ab = (b - a).astype(np.float32)
+            ax, ay, az = x - np.float32(a[0]), y - np.float32(a[1]), z - np.float32(a[2])
+            scale = np.float32(1 / max(float(ab @ ab), 1e-12))
+            t = np.clip((ax * ab[0] + ay * ab[1] + az * ab[2]) * scale, 0, 1)
+            d = np.sqrt((ax - t * ab[0]) ** 2 + (ay - t * ab[1]) ** 2 + (az - t * ab[2]) ** 2)
+            d -= np.float32(ra) + t * np.float32(rb - ra)
+            local = tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(sub, box))
+            np.minimum(dist[local], d, out=dist[local])
+        return box, dist
+
 
 def _blend(view: np.ndarray, dist: np.ndarray, hu: float, edge: float) -> None:
     alpha = np.clip(0.5 - dist * np.float32(1.0 / edge), 0.0, 1.0)
@@ -287,34 +328,6 @@ def _ellipsoid_terms(offsets, axes) -> np.ndarray:
     return (q - 1) / grad
 
 
-def _tube(scene: _Scene, points: np.ndarray, radii: np.ndarray, margin: float = 0.0):
-    """(box, dist) of a tube of varying radius along a polyline, or None if off-grid."""
-    reach = float(radii.max()) + margin
-    field = scene.field(points.min(axis=0) - reach, points.max(axis=0) + reach)
-    if field is None:
-        return None
-    box = field[0]
-    dist = np.full(tuple(s.stop - s.start for s in box), np.inf, dtype=np.float32)
-    for a, b, ra, rb in zip(points[:-1], points[1:], radii[:-1], radii[1:]):
-        pad = max(ra, rb) + margin + scene.edge
-        sub = scene.grid.block(np.minimum(a, b) - pad, np.maximum(a, b) + pad)
-        if sub is None:
-            continue
-        sub = tuple(slice(max(s.start, o.start), min(s.stop, o.stop)) for s, o in zip(sub, box))
-        if any(s.stop <= s.start for s in sub):
-            continue
-        x, y, z = scene.grid.coords(sub)
-        ab = (b - a).astype(np.float32)
-        length2 = max(float(ab @ ab), 1e-12)
-        ax, ay, az = x - np.float32(a[0]), y - np.float32(a[1]), z - np.float32(a[2])
-        t = np.clip((ax * ab[0] + ay * ab[1] + az * ab[2]) * np.float32(1 / length2), 0, 1)
-        d = np.sqrt((ax - t * ab[0]) ** 2 + (ay - t * ab[1]) ** 2 + (az - t * ab[2]) ** 2)
-        d -= np.float32(ra) + t * np.float32(rb - ra)
-        local = tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(sub, box))
-        np.minimum(dist[local], d, out=dist[local])
-    return box, dist
-
-
 def _bezier(control: np.ndarray, samples: int) -> tuple[np.ndarray, np.ndarray]:
     """Points and unit tangents of a cubic Bezier curve at evenly spaced parameters."""
     t = np.linspace(0, 1, samples)[:, None]
@@ -341,3 +354,281 @@ def _add_noise(image: np.ndarray, rng: np.random.Generator, sigma: float) -> Non
         image[:, :, k : k + noise.shape[2]] += noise
 
 
+# -------------------------------------------------------------------------------- anatomy
+
+
+@dataclass(frozen=True)
+class _Body:
+    """Axial body outline and abdominal cavity (mm); the organs are placed relative to it."""
+
+    a: float  # half width
+    b: float  # half depth
+    cy: float  # centre, anterior offset
+    fat_front: float  # subcutaneous fat in front (and behind)
+    fat_side: float
+    muscle: float  # abdominal wall
+    back: float  # thickness of the back wall, spine included
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> _Body:
+        u = rng.uniform
+        return cls(a=u(150, 175), b=u(105, 125), cy=u(-5, 5), fat_front=u(8, 25),
+                   fat_side=u(8, 25), muscle=u(8, 13), back=u(55, 68))  # fmt: skip
+
+    @property
+    def cavity(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """Centre (x, y) and half axes of the elliptical abdominal cavity."""
+        half_width = self.a - self.fat_side - self.muscle
+        half_depth = (2 * self.b - self.fat_front - self.muscle - self.back) / 2
+        front = self.cy + self.b - self.fat_front - self.muscle
+        return (0.0, front - half_depth), (half_width, half_depth)
+
+    @property
+    def spine_y(self) -> float:
+        """Centre of the vertebral bodies, bulging into the back of the cavity."""
+        return self.cy - self.b + self.back - 5
+
+
+@dataclass(frozen=True)
+class _Tissue:
+    """HU of each tissue in one scan; enhancing tissues follow one contrast phase."""
+
+    skin: float
+    fat: float
+    visceral_fat: float
+    muscle: float
+    liver: float
+    spleen: float
+    cortex: float
+    medulla: float
+    bile: float
+    artery: float
+    vein: float
+    bowel_wall: float
+    organ: float
+    cortical: float
+    cancellous: float
+    disc: float
+    csf: float
+    rib: float
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> _Tissue:
+        u = rng.uniform
+        enhance = u(0, 1)
+        fat = u(-115, -90)
+        return cls(
+            skin=u(10, 50), fat=fat, visceral_fat=fat + u(-5, 10), muscle=u(40, 60),
+            liver=55 + 20 * enhance + u(-5, 5), spleen=40 + 20 * enhance + u(-5, 5),
+            cortex=140 + 60 * enhance + u(-10, 10), medulla=u(30, 40), bile=u(0, 20),
+            artery=150 + 60 * enhance + u(-10, 10), vein=110 + 50 * enhance + u(-10, 10),
+            bowel_wall=60 + 40 * enhance + u(-10, 10),
+            organ=80 + 40 * float(np.clip(enhance + rng.normal(0, 0.1), 0, 1)),
+            cortical=u(700, 1000), cancellous=u(250, 400), disc=u(70, 100), csf=u(5, 25),
+            rib=u(450, 750),
+        )  # fmt: skip
+
+
+def _paint_anatomy(scene: _Scene, body: _Body, rng: np.random.Generator) -> None:
+    """Paint one patient. Every structure draws its numbers before it looks at the grid, so
+    the draws, and hence the anatomy, are the same whatever part of it the grid shows."""
+    u = rng.uniform
+    hu = _Tissue.draw(rng)
+    cavity = body.cavity
+    (_, cavity_y), (av, bv) = cavity
+
+    def at(nx: float, ny: float, z: float) -> np.ndarray:
+        """Patient mm of a point given in cavity-normalised x, y."""
+        return np.array([nx * av, cavity_y + ny * bv, z])
+
+    _paint_wall(scene, body, hu)
+    _paint_spine(scene, body, rng, hu)
+    _paint_ribs(scene, body, rng, hu)
+
+    for side in (1, -1):  # kidneys: bright cortex, darker medulla, sinus fat at the hilum
+        centre = at(side * u(0.48, 0.58), u(-0.63, -0.47), u(-40, -5))
+        axes = (u(24, 30), u(20, 26), u(45, 60))
+        angle, cortex = side * np.radians(u(15, 35)), u(5, 8)
+        hilum = centre - np.array([side * axes[0] * 0.8, -axes[1] * 0.2, 0])
+        kidney = scene.ellipsoid(centre, axes, angle)
+        if kidney is not None:
+            box, dist = kidney
+            scene.paint(box, dist, hu.cortex)
+            scene.paint(box, dist + np.float32(cortex), hu.medulla)
+            sinus = _ellipsoid(*scene.grid.coords(box), hilum, (12, 10, 18))
+            scene.paint(box, np.maximum(dist, sinus), hu.visceral_fat)
+
+    liver = scene.ellipsoid(at(u(0.5, 0.6), u(0.0, 0.2), u(65, 85)), (u(80, 95), u(75, 90), u(90, 105)))
+    if liver is not None:
+        scene.paint(liver[0], scene.inside(*liver, cavity, 2.0), hu.liver)
+    gallbladder = scene.ellipsoid(at(u(0.25, 0.4), u(0.45, 0.65), u(10, 30)),
+                                  (u(12, 17), u(12, 17), u(25, 35)))  # fmt: skip
+    if gallbladder is not None:
+        scene.paint(*gallbladder, hu.bile)
+    spleen_centre = at(-u(0.72, 0.82), u(-0.45, -0.25), u(25, 45))
+    spleen = scene.ellipsoid(spleen_centre, (u(22, 30), u(45, 55), u(45, 60)), np.radians(u(-50, -30)))
+    if spleen is not None:
+        scene.paint(spleen[0], scene.inside(*spleen, cavity, 2.0), hu.spleen)
+
+    stomach_centre, stomach_axes = at(-u(0.3, 0.45), u(0.35, 0.55), u(50, 70)), (u(40, 55), u(28, 38), u(35, 50))
+    stomach_gas = stomach_centre[1] + u(0.2, 0.6) * stomach_axes[1]
+    stomach = scene.ellipsoid(stomach_centre, stomach_axes)
+    if stomach is not None:
+        stomach = (stomach[0], scene.inside(*stomach, cavity, 2.0))
+    _paint_hollow(scene, stomach, hu.bowel_wall, u(0, 30), stomach_gas, u(-1000, -900), 4.0)
+    _paint_bowel(scene, rng, at, hu)
+
+    # The organ: a tube along a cubic Bezier curve from the head (patient's right, in the
+    # duodenal C) arching in front of the vessels to the tail at the splenic hilum.
+    head = at(u(0.22, 0.32), u(-0.15, 0.05), u(-25, -12))
+    tail = at(-u(0.55, 0.72), u(-0.45, -0.25), u(8, 25))
+    control = np.array([
+        head,
+        at(head[0] / av - u(0.12, 0.22), u(0.35, 0.55), head[2] + u(0, 10)),
+        at(tail[0] / av + u(0.25, 0.4), u(0.2, 0.45), tail[2] - u(0, 12)),
+        tail,
+    ])  # fmt: skip
+    samples = 48
+    centre_line, tangent = _bezier(control, samples)
+    t = np.linspace(0, 1, samples)
+    knots = u(0.9, 1.15) * np.array([u(13, 17), u(7, 10), u(8.5, 12), u(7, 10)])
+    radius = np.interp(t, [0, 0.22, 0.5, 1], knots) * (1 + 0.08 * np.sin(2 * np.pi * (u(2, 4) * t + u(0, 1))))
+    halo = u(2, 5)
+
+    # Duodenum: a C around the head in the coronal plane, then across below it.
+    duo_r = u(9, 12)
+    reach = radius[0] + duo_r + u(0.5, 3)
+    angles = np.radians(np.linspace(110, -100, 15))
+    c_loop = head + reach * np.stack([np.cos(angles), np.zeros_like(angles), np.sin(angles)], axis=1)
+    bulb = c_loop[0] + np.array([-u(15, 25), u(15, 25), u(5, 15)])
+    across = c_loop[-1] + np.array([-u(50, 70), u(0, 10), u(-5, 5)])
+    rising = across + np.array([-u(10, 20), u(-5, 5), u(10, 20)])
+    duodenum = np.vstack([bulb, c_loop, across, rising])
+    duo_fluid, duo_gas = u(5, 30), head[1] + u(0, 15) if u(0, 1) < 0.5 else np.inf
+
+    # Vessels: aorta and IVC in front of the spine, SMA from the aorta; splenic vein along the
+    # back of the organ from its neck to the spleen, SMV and portal vein from the confluence.
+    spine_front = body.spine_y + 17
+    aorta_r, ivc_r, sma_r, vein_r = u(9, 13), u(9, 12), u(3.5, 5), u(4, 6)
+    heights = np.linspace(-250, 250, 11)
+    aorta = np.stack([-0.07 * av + u(-3, 3, heights.size), np.full(heights.size, spine_front + aorta_r), heights], 1)
+    ivc = np.stack([np.full(heights.size, 0.15 * av + u(-5, 5)), np.full(heights.size, spine_front + ivc_r - 4), heights], 1)
+    sma_top = np.array([aorta[5, 0], spine_front + 2 * aorta_r, u(15, 25)])
+    sma = np.array([sma_top, sma_top + [0, u(10, 15), -20], sma_top + [0, u(15, 25), -300]])
+    down = np.array([0.0, -1.0, 0.0])
+    back = down - (tangent @ down)[:, None] * tangent
+    back /= np.linalg.norm(back, axis=1, keepdims=True)
+    neck = int(samples * u(0.25, 0.35))
+    splenic = centre_line[neck:] + back[neck:] * (radius[neck:] + vein_r + u(0, 1.5))[:, None]
+    splenic = np.vstack([splenic, spleen_centre + np.array([u(10, 20), 0, 0])])
+    confluence = splenic[0]
+    smv = np.array([confluence + [u(2, 8), -2, -300], confluence + [u(2, 8), -1, -40], confluence])
+    portal = np.array([confluence, confluence + [0.15 * av, u(-5, 10), u(25, 35)]])
+
+    organ = scene.tube(centre_line, radius, margin=halo)
+    if organ is not None:  # peripancreatic fat, under the structures that touch the organ
+        scene.paint(organ[0], organ[1] - np.float32(halo), hu.visceral_fat)
+    vessels = ((aorta, aorta_r, hu.artery), (ivc, ivc_r, hu.vein), (sma, sma_r, hu.artery),
+               (smv, vein_r + 1, hu.vein), (portal, vein_r + 3, hu.vein), (splenic, vein_r, hu.vein))  # fmt: skip
+    for points, r, value in vessels:
+        vessel = scene.tube(points, np.full(len(points), r))
+        if vessel is not None:
+            scene.paint(*vessel, value)
+    duo = scene.tube(duodenum, np.full(len(duodenum), duo_r))
+    _paint_hollow(scene, duo, hu.bowel_wall, duo_fluid, duo_gas, u(-1000, -900), 3.0)
+    if organ is not None:
+        scene.paint(*organ, hu.organ)
+        scene.label[organ[0]] = organ[1] < 0
+
+
+def _paint_wall(scene: _Scene, body: _Body, hu: _Tissue) -> None:
+    """Air, skin, subcutaneous fat, muscle wall and visceral fat: built on the thin axial-plane
+    arrays of an axis-aligned grid, then broadcast along z in one pass."""
+    x, y, z = scene.grid.coords(tuple(slice(0, n) for n in scene.grid.shape))
+    outline = _ellipse(x, y, (0, body.cy), (body.a, body.b))
+    plane = np.full(np.broadcast_shapes(x.shape, y.shape, z.shape), -1000.0, dtype=np.float32)
+    _blend(plane, outline, hu.skin, scene.edge)
+    _blend(plane, outline + np.float32(2.0), hu.fat, scene.edge)
+    wall = (body.a - body.fat_side, body.b - body.fat_front)
+    _blend(plane, _ellipse(x, y, (0, body.cy), wall), hu.muscle, scene.edge)
+    _blend(plane, _ellipse(x, y, *body.cavity), hu.visceral_fat, scene.edge)
+    scene.image[...] = plane
+
+
+def _paint_hollow(scene: _Scene, shape, wall_hu: float, fluid_hu: float, gas_level: float,
+                  gas_hu: float, wall: float) -> None:  # fmt: skip
+    """A hollow organ: enhancing wall, fluid lumen, gas in front of `gas_level` (y, supine)."""
+    if shape is None:
+        return
+    box, dist = shape
+    scene.paint(box, dist, wall_hu)
+    lumen = dist + np.float32(wall)
+    scene.paint(box, lumen, fluid_hu)
+    if np.isfinite(gas_level):
+        y = scene.grid.coords(box)[1]
+        scene.paint(box, np.maximum(lumen, np.float32(gas_level) - y), gas_hu)
+
+
+def _paint_bowel(scene: _Scene, rng: np.random.Generator, at, hu: _Tissue) -> None:
+    """Colon framing the abdomen and small-bowel loops below the organ, some holding gas."""
+    u = rng.uniform
+    colon_r = u(18, 24)
+    colon = np.array([
+        at(0.75, u(-0.2, 0.1), -300), at(0.75, 0.0, u(0, 15)), at(0.55, 0.55, u(15, 30)),
+        at(0.0, 0.65, u(-10, 15)), at(-0.55, 0.55, u(20, 35)), at(-0.78, 0.0, u(25, 40)),
+        at(-0.75, u(-0.2, 0.1), -300),
+    ])  # fmt: skip
+    colon_gas, colon_fluid, colon_air = colon[:, 1].mean() + u(-10, 20), u(0, 40), u(-1000, -850)
+    shape = scene.tube(colon, np.full(len(colon), colon_r))
+    _paint_hollow(scene, shape, hu.bowel_wall, colon_fluid, colon_gas, colon_air, 3.0)
+    for _ in range(int(rng.integers(5, 10))):
+        start = at(u(-0.55, 0.55), u(-0.1, 0.6), u(-110, -45))
+        loop = start + np.cumsum(rng.normal(0, 1, size=(5, 3)) * [25, 20, 10], axis=0)
+        radius, fluid, gas, air = u(9, 13), u(0, 30), loop[:, 1].mean() + u(-5, 30), u(-1000, -600)
+        shape = scene.tube(loop, np.full(len(loop), radius))
+        _paint_hollow(scene, shape, hu.bowel_wall, fluid, gas, air, 2.5)
+
+
+def _paint_spine(scene: _Scene, body: _Body, rng: np.random.Generator, hu: _Tissue) -> None:
+    """Vertebral bodies with discs, canal, posterior arch and psoas muscles along z."""
+    u = rng.uniform
+    rx, ry = u(17, 22), u(14, 18)
+    period, disc, phase = u(30, 36), u(6, 9), u(0, 36)
+    y0 = body.spine_y
+    field = scene.field((-rx - 40, y0 - ry - 60, -1e4), (rx + 40, y0 + ry, 1e4))
+    if field is not None:
+        box, x, y, z = field
+        vertebra = _ellipse(x, y, (0, y0), (rx, ry))
+        scene.paint(box, vertebra, hu.cortical)
+        scene.paint(box, vertebra + np.float32(2.5), hu.cancellous)
+        level = np.abs(np.mod(z - np.float32(phase), np.float32(period)) - np.float32(period / 2))
+        scene.paint(box, np.maximum(vertebra, level - np.float32(disc / 2)), hu.disc)
+        mid_vertebra = np.float32(period / 2 - 8) - level  # arches only between the discs
+        canal = (0, y0 - ry - 12)
+        parts = [(canal, (14, 13)), ((0, canal[1] - 22), (5, 16)),
+                 ((rx + 12, y0 - ry + 2), (16, 5)), ((-rx - 12, y0 - ry + 2), (16, 5))]  # fmt: skip
+        for centre, axes in parts:
+            scene.paint(box, np.maximum(_ellipse(x, y, centre, axes), mid_vertebra), hu.cortical * 0.8)
+        scene.paint(box, _ellipse(x, y, canal, (9, 8)), hu.csf)
+    heights = np.linspace(-300, 60, 10)
+    for side in (1, -1):  # psoas thickens towards the pelvis
+        line = np.stack([np.full(10, side * (rx + 14)), np.full(10, y0 + 4), heights], axis=1)
+        psoas = scene.tube(line, np.clip(12 - heights / 12, 6, 24))
+        if psoas is not None:
+            scene.paint(*psoas, hu.muscle)
+
+
+def _paint_ribs(scene: _Scene, body: _Body, rng: np.random.Generator, hu: _Tissue) -> None:
+    """Lower ribs: bony arcs in the body wall from beside the spine round to the front,
+    sloping down as they go forward."""
+    u = rng.uniform
+    top, period = u(40, 70), u(30, 38)
+    a, b = body.a - body.fat_side - 5, body.b - body.fat_front - 5
+    angles = np.radians(np.linspace(-75, 40, 12))
+    drop = np.linspace(0, 30, angles.size)
+    for n in range(4):
+        for side in (1, -1):
+            arc = np.stack([side * a * np.cos(angles), body.cy + b * np.sin(angles), top - n * period - drop], 1)
+            rib = scene.tube(arc, np.full(angles.size, 5.0))
+            if rib is not None:
+                scene.paint(*rib, hu.rib)

@@ -117,7 +117,9 @@ def test_long_sums_only_where_the_paper_has_them(name: str) -> None:
     x = _input(16)
     before = _eval_output(model, x)
     steps = [model.up1, model.up2, model.up3]
-    handles = [s.register_forward_pre_hook(lambda _m, a: (a[0], torch.zeros_like(a[1]))) for s in steps]
+    handles = [
+        s.register_forward_pre_hook(lambda _m, a: (a[0], torch.zeros_like(a[1]))) for s in steps
+    ]
     after = _eval_output(model, x)
     for h in handles:
         h.remove()
@@ -136,7 +138,9 @@ def test_short_sums_only_where_the_paper_has_them(name: str) -> None:
     if has_short:
         x = _input(16)
         before = _eval_output(model, x)
-        handles = [s.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out)) for s in shortcuts]
+        handles = [
+            s.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out)) for s in shortcuts
+        ]
         after = _eval_output(model, x)
         for h in handles:
             h.remove()
@@ -144,8 +148,11 @@ def test_short_sums_only_where_the_paper_has_them(name: str) -> None:
 
 
 def test_parameter_counts_separate_the_variants() -> None:
-    counts = {n: sum(p.numel() for p in build_model(n, width=4).parameters()) for n in MODEL_NAMES}
-    aux = {n: sum(p.numel() for k, p in build_model(n, width=4).named_parameters() if k.startswith("aux")) for n in MODEL_NAMES}
+    counts, aux = {}, {}
+    for name in MODEL_NAMES:
+        params = dict(build_model(name, width=4).named_parameters())
+        counts[name] = sum(p.numel() for p in params.values())
+        aux[name] = sum(p.numel() for k, p in params.items() if k.startswith("aux"))
     assert aux["res"] == 0 and all(aux[n] > 0 for n in MODEL_NAMES if n != "res")
     assert counts["res"] == counts["resdsn"] - aux["resdsn"]
     # sums are parameter-free; only the encoder's 1x1x1 shortcut projections add weights

@@ -1,0 +1,188 @@
+"""What an archive run leaves under its output, and what earlier runs already did.
+
+Layout under OUTPUT (DESIGN "Outputs of an archive run"):
+- `masks/<case_id>.nii.gz`, written whole or not at all;
+- `metrics/run_id=<id>/part-<seq>.parquet`, rows with `ROW_SCHEMA`, one per case and attempt;
+- `runs/<id>.json`, the run record (config, bundle ids, versions, start/end, counts).
+
+A case is *done* when its mask exists AND a row of an earlier attempt says it finished
+(`ok` or `no_organ`) under the same `config_id` (bundles + engine settings): a rerun with the
+same output skips it, a rerun with other models or settings recomputes it. A mask without a
+row (the driver died between the two writes) is not trusted: the case is recomputed and the
+mask replaced whole. Rows are never rewritten; every attempt appends its own, numbered by
+`attempt`, so the history of a case stays queryable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import secrets
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from resdsn_ray import storage
+from resdsn_ray.metrics import METRIC_KEYS
+
+STATUS_OK = "ok"
+STATUS_NO_ORGAN = "no_organ"
+STATUS_ERROR = "error"
+STATUS_SKIPPED = "skipped"
+FINISHED = (STATUS_OK, STATUS_NO_ORGAN)
+TIMING_KEYS = ("t_read_s", "t_preprocess_s", "t_coarse_s", "t_fine_s", "t_post_s", "t_write_s", "t_metrics_s")
+
+_TIME = pa.timestamp("us", tz="UTC")
+ROW_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("case_id", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("attempt", pa.int32()),
+        ("image_uri", pa.string()),
+        ("label_uri", pa.string()),
+        ("mask_uri", pa.string()),
+        ("shape", pa.list_(pa.int32())),
+        ("spacing_mm", pa.list_(pa.float64())),
+        ("coarse_bbox", pa.list_(pa.int32())),
+        ("coarse_windows", pa.int32()),
+        ("fine_windows", pa.int32()),
+        *[(key, pa.float64()) for key in METRIC_KEYS],
+        *[(key, pa.float64()) for key in TIMING_KEYS],
+        ("t_total_s", pa.float64()),
+        ("t_wall_s", pa.float64()),
+        ("coarse_model", pa.string()),
+        ("fine_model", pa.string()),
+        ("config_id", pa.string()),
+        ("node", pa.string()),
+        ("node_id", pa.string()),
+        ("fold", pa.int32()),
+        ("started_at", _TIME),
+        ("finished_at", _TIME),
+    ]
+)
+COLUMNS = tuple(ROW_SCHEMA.names)
+
+
+def new_run_id() -> str:
+    """Sortable and unique: UTC time of the start plus a random suffix."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def config_id(settings: dict[str, Any]) -> str:
+    """A short stable hash of what determines a mask (bundle ids and engine settings)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def mask_uri(output: str, case_id: str) -> str:
+    return storage.join(output, "masks", f"{case_id}.nii.gz")
+
+
+def metrics_uri(output: str, run_id: str | None = None) -> str:
+    return storage.join(output, "metrics", f"run_id={run_id}") if run_id else storage.join(output, "metrics")
+
+
+def run_record_uri(output: str, run_id: str) -> str:
+    return storage.join(output, "runs", f"{run_id}.json")
+
+
+def row_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows as a table with exactly `ROW_SCHEMA` (missing keys are null)."""
+    return pa.Table.from_pylist([{name: row.get(name) for name in COLUMNS} for row in rows], schema=ROW_SCHEMA)
+
+
+def write_rows(output: str, run_id: str, seq: int, rows: list[dict[str, Any]]) -> str:
+    """Write one part file of a run's rows, whole or not at all; its URI."""
+    buffer = io.BytesIO()
+    pq.write_table(row_table(rows), buffer)
+    uri = storage.join(metrics_uri(output, run_id), f"part-{seq:05d}.parquet")
+    storage.write_bytes(uri, buffer.getvalue())
+    return uri
+
+
+def read_rows(output: str) -> pa.Table:
+    """Every row of every run under `output` (an empty table when there are none).
+
+    Files are read one by one with the row schema, not as a hive dataset, because `run_id`
+    is both a column and the folder name.
+    """
+    fs, path = storage.filesystem(metrics_uri(output))
+    fs.invalidate_cache()
+    try:
+        files = sorted(f for f in fs.find(path) if f.endswith(".parquet") and not posixpath.basename(f).startswith("."))
+    except FileNotFoundError:
+        files = []
+    tables = []
+    for file in files:
+        with fs.open(file, "rb") as handle:
+            table = pq.read_table(handle)
+        tables.append(table)
+    if not tables:
+        return ROW_SCHEMA.empty_table()
+    return pa.concat_tables([_conform(t) for t in tables])
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """A part file as `ROW_SCHEMA`: columns in schema order, missing ones (older files) null."""
+    columns = [
+        table[name].cast(field.type) if name in table.schema.names else pa.nulls(table.num_rows, field.type)
+        for name, field in zip(COLUMNS, ROW_SCHEMA)
+    ]
+    return pa.table(columns, schema=ROW_SCHEMA)
+
+
+def existing_masks(output: str) -> set[str]:
+    """Case ids that have a mask under `output`."""
+    fs, path = storage.filesystem(storage.join(output, "masks"))
+    fs.invalidate_cache()
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return set()
+    suffix = ".nii.gz"
+    return {posixpath.basename(n)[: -len(suffix)] for n in names if n.endswith(suffix) and not posixpath.basename(n).startswith(".")}
+
+
+class History:
+    """What earlier attempts under one output did: done cases and attempt counts."""
+
+    def __init__(self, rows: pa.Table, masks: set[str]) -> None:
+        self.attempts: dict[str, int] = {}
+        self.done: dict[str, dict[str, Any]] = {}
+        for row in rows.sort_by([("finished_at", "ascending")]).to_pylist():
+            if row["status"] == STATUS_SKIPPED:
+                continue
+            case = row["case_id"]
+            self.attempts[case] = max(self.attempts.get(case, 0), row["attempt"] or 0)
+            if row["status"] in FINISHED and case in masks:
+                self.done[case] = row
+            else:
+                self.done.pop(case, None)  # a later failed attempt: the old result is stale
+
+    @classmethod
+    def load(cls, output: str) -> History:
+        return cls(read_rows(output), existing_masks(output))
+
+    def is_done(self, case_id: str, config: str) -> bool:
+        row = self.done.get(case_id)
+        return row is not None and row["config_id"] == config
+
+    def next_attempt(self, case_id: str) -> int:
+        return self.attempts.get(case_id, 0) + 1
+
+
+def write_run_record(output: str, run_id: str, record: dict[str, Any]) -> None:
+    storage.write_text(run_record_uri(output, run_id), json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_run_record(output: str, run_id: str) -> dict[str, Any]:
+    return json.loads(storage.read_bytes(run_record_uri(output, run_id)))
