@@ -6,7 +6,8 @@ so this module refuses what it cannot place exactly, with an `InputError` naming
 Axis order: `Volume.array[i, j, k]` is nibabel's voxel order, and `Volume.affine` maps
 (i, j, k, 1) to world millimetres in RAS+ (nibabel's convention). For DICOM, i runs along a
 row (column index), j down the columns (row index), k along the slice normal in increasing
-position: `array[i, j, k] = slice_k.pixel_array[j, i]` in HU.
+position: `array[i, j, k] = slice_k.pixel_array[j, i]` in HU. Arrays are float32 in Fortran
+memory order (as nibabel returns them) for both formats.
 
 NIfTI (`.nii`, `.nii.gz`, NIfTI-1 or -2; compression is detected from the gzip magic, never
 the suffix): the affine is nibabel's (sform if its code is set, else qform, else pixdim
@@ -14,9 +15,12 @@ only); scl_slope/scl_inter are applied. Trailing singleton axes past the third (
 holding one volume) are squeezed; anything else that is not 3-D is refused, as is a volume
 with a single voxel along any axis.
 
-DICOM series (a folder URI): files without pixel data (RTSTRUCT, DICOMDIR) and files that are
-not DICOM are ignored; the rest must form exactly ONE series (SeriesInstanceUID) of single-frame
-CT slices with identical orientation, pixel spacing and size. Slices are ordered by
+DICOM series (a folder URI; not recursive): hidden files, files that are not DICOM and DICOM
+instances without pixels of other kinds (RTSTRUCT, SR, DICOMDIR) are ignored and listed in
+`meta["ignored_files"]`; a CT image file without its pixels (truncated) is an error. The images
+must form exactly ONE series (SeriesInstanceUID; a folder mixing several is refused, listing
+them) of at least two single-frame CT slices (Modality 'CT') with identical orientation, pixel
+spacing and size, and rescale tags (or a Modality LUT). Slices are ordered by
 ImagePositionPatient projected on the slice normal (row x column cosines), never by file name
 or InstanceNumber. Every slice must lie within `SLICE_TOLERANCE` of a slice step of where the
 affine puts it, so a missing slice, uneven spacing or duplicate positions are refused. Gantry
@@ -323,7 +327,7 @@ def _read_dicom_series(uri: str, fs: Any, path: str) -> Volume:
         )
     tilt = float(np.degrees(np.arccos(np.clip(slice_gap / np.linalg.norm(step), -1.0, 1.0))))
 
-    volume = np.empty((cols, rows, n), dtype=np.float32)
+    volume = np.empty((cols, rows, n), dtype=np.float32, order="F")  # hu.T fills it contiguously
     padded = 0
     for k, s in enumerate(slices):
         hu, pad = _slice_hu(s, rows, cols)

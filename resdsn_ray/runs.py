@@ -186,3 +186,12 @@ def write_run_record(output: str, run_id: str, record: dict[str, Any]) -> None:
 
 def read_run_record(output: str, run_id: str) -> dict[str, Any]:
     return json.loads(storage.read_bytes(run_record_uri(output, run_id)))
+
+
+def latest_rows(output: str, case_ids: set[str] | None = None) -> list[dict[str, Any]]:
+    """Each case's latest non-skipped row under `output` (optionally only `case_ids`)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for row in read_rows(output).sort_by([("finished_at", "ascending")]).to_pylist():
+        if row["status"] != STATUS_SKIPPED and (case_ids is None or row["case_id"] in case_ids):
+            latest[row["case_id"]] = row
+    return [latest[k] for k in sorted(latest)]

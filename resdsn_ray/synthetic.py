@@ -15,6 +15,7 @@ always matches the affine, so in world space the anatomy stays put whatever the 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from dataclasses import dataclass
@@ -155,8 +156,18 @@ class _Grid:
     def spacing(self) -> np.ndarray:
         return np.linalg.norm(self.affine[:3, :3], axis=0)
 
+    @functools.cached_property
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Patient-frame box around the grid, so that long structures cost only what shows."""
+        corners = np.array(list(itertools.product(*[(-1, n) for n in self.shape])), dtype=np.float64)
+        world = corners @ self.affine[:3, :3].T + self.affine[:3, 3]
+        return world.min(axis=0), world.max(axis=0)
+
     def block(self, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice, slice] | None:
         """The voxel index box covering the patient-frame box [lo, hi], or None if off-grid."""
+        lo, hi = np.maximum(lo, self.bounds[0]), np.minimum(hi, self.bounds[1])
+        if np.any(hi < lo):
+            return None
         corners = np.array(list(itertools.product(*zip(lo, hi))), dtype=np.float64)
         ijk = np.linalg.solve(self.affine[:3, :3], (corners - self.affine[:3, 3]).T).T
         start = np.maximum(np.floor(ijk.min(axis=0)).astype(int), 0)
@@ -203,7 +214,7 @@ def _draw_grid(
 ) -> tuple[_Grid, tuple[bool, bool, bool], np.ndarray]:
     """Field of view, orientation and table offset of one scan."""
     fov_xy = (2 * max(body.a, body.b + abs(body.cy)) + 30) * rng.uniform(1.0, 1.2)
-    fov_z = rng.uniform(130.0, 180.0)
+    fov_z = rng.uniform(110.0, 160.0)
     centre = np.array([rng.uniform(-8, 8), body.cy + rng.uniform(-8, 8), rng.uniform(-10, 20)])
     if spacing is None:
         in_plane = fov_xy / min(shape[0], shape[1])
@@ -372,8 +383,8 @@ class _Body:
     @classmethod
     def draw(cls, rng: np.random.Generator) -> _Body:
         u = rng.uniform
-        return cls(a=u(150, 175), b=u(105, 125), cy=u(-5, 5), fat_front=u(8, 25),
-                   fat_side=u(8, 25), muscle=u(8, 13), back=u(55, 68))  # fmt: skip
+        return cls(a=u(150, 175), b=u(110, 130), cy=u(-5, 5), fat_front=u(8, 25),
+                   fat_side=u(8, 25), muscle=u(8, 13), back=u(75, 90))  # fmt: skip
 
     @property
     def cavity(self) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -384,9 +395,9 @@ class _Body:
         return (0.0, front - half_depth), (half_width, half_depth)
 
     @property
-    def spine_y(self) -> float:
-        """Centre of the vertebral bodies, bulging into the back of the cavity."""
-        return self.cy - self.b + self.back - 5
+    def spine_front(self) -> float:
+        """Front of the vertebral bodies, which bulge 15 mm into the back of the cavity."""
+        return self.cy - self.b + self.back + 15
 
 
 @dataclass(frozen=True)
@@ -491,7 +502,7 @@ def _paint_anatomy(scene: _Scene, body: _Body, rng: np.random.Generator) -> None
     samples = 48
     centre_line, tangent = _bezier(control, samples)
     t = np.linspace(0, 1, samples)
-    knots = u(0.9, 1.15) * np.array([u(13, 17), u(7, 10), u(8.5, 12), u(7, 10)])
+    knots = u(0.9, 1.15) * np.array([u(16, 21), u(9, 12.5), u(11, 15), u(9, 12.5)])
     radius = np.interp(t, [0, 0.22, 0.5, 1], knots) * (1 + 0.08 * np.sin(2 * np.pi * (u(2, 4) * t + u(0, 1))))
     halo = u(2, 5)
 
@@ -508,7 +519,7 @@ def _paint_anatomy(scene: _Scene, body: _Body, rng: np.random.Generator) -> None
 
     # Vessels: aorta and IVC in front of the spine, SMA from the aorta; splenic vein along the
     # back of the organ from its neck to the spleen, SMV and portal vein from the confluence.
-    spine_front = body.spine_y + 17
+    spine_front = body.spine_front
     aorta_r, ivc_r, sma_r, vein_r = u(9, 13), u(9, 12), u(3.5, 5), u(4, 6)
     heights = np.linspace(-250, 250, 11)
     aorta = np.stack([-0.07 * av + u(-3, 3, heights.size), np.full(heights.size, spine_front + aorta_r), heights], 1)
@@ -544,9 +555,9 @@ def _paint_anatomy(scene: _Scene, body: _Body, rng: np.random.Generator) -> None
 def _paint_wall(scene: _Scene, body: _Body, hu: _Tissue) -> None:
     """Air, skin, subcutaneous fat, muscle wall and visceral fat: built on the thin axial-plane
     arrays of an axis-aligned grid, then broadcast along z in one pass."""
-    x, y, z = scene.grid.coords(tuple(slice(0, n) for n in scene.grid.shape))
+    x, y, _ = scene.grid.coords(tuple(slice(0, n) for n in scene.grid.shape))
     outline = _ellipse(x, y, (0, body.cy), (body.a, body.b))
-    plane = np.full(np.broadcast_shapes(x.shape, y.shape, z.shape), -1000.0, dtype=np.float32)
+    plane = np.full(np.broadcast_shapes(x.shape, y.shape), -1000.0, dtype=np.float32)
     _blend(plane, outline, hu.skin, scene.edge)
     _blend(plane, outline + np.float32(2.0), hu.fat, scene.edge)
     wall = (body.a - body.fat_side, body.b - body.fat_front)
@@ -594,7 +605,7 @@ def _paint_spine(scene: _Scene, body: _Body, rng: np.random.Generator, hu: _Tiss
     u = rng.uniform
     rx, ry = u(17, 22), u(14, 18)
     period, disc, phase = u(30, 36), u(6, 9), u(0, 36)
-    y0 = body.spine_y
+    y0 = body.spine_front - ry
     field = scene.field((-rx - 40, y0 - ry - 60, -1e4), (rx + 40, y0 + ry, 1e4))
     if field is not None:
         box, x, y, z = field
@@ -605,7 +616,8 @@ def _paint_spine(scene: _Scene, body: _Body, rng: np.random.Generator, hu: _Tiss
         scene.paint(box, np.maximum(vertebra, level - np.float32(disc / 2)), hu.disc)
         mid_vertebra = np.float32(period / 2 - 8) - level  # arches only between the discs
         canal = (0, y0 - ry - 12)
-        parts = [(canal, (14, 13)), ((0, canal[1] - 22), (5, 16)),
+        spine_top, spine_end = canal[1] - 9, body.cy - body.b + 12
+        parts = [(canal, (14, 13)), ((0, (spine_top + spine_end) / 2), (5, (spine_top - spine_end) / 2)),
                  ((rx + 12, y0 - ry + 2), (16, 5)), ((-rx - 12, y0 - ry + 2), (16, 5))]  # fmt: skip
         for centre, axes in parts:
             scene.paint(box, np.maximum(_ellipse(x, y, centre, axes), mid_vertebra), hu.cortical * 0.8)
@@ -624,11 +636,11 @@ def _paint_ribs(scene: _Scene, body: _Body, rng: np.random.Generator, hu: _Tissu
     u = rng.uniform
     top, period = u(40, 70), u(30, 38)
     a, b = body.a - body.fat_side - 5, body.b - body.fat_front - 5
-    angles = np.radians(np.linspace(-75, 40, 12))
-    drop = np.linspace(0, 30, angles.size)
+    angles = np.radians(np.linspace(-70, 30, 12))
+    drop = np.linspace(0, 80, angles.size)
     for n in range(4):
         for side in (1, -1):
             arc = np.stack([side * a * np.cos(angles), body.cy + b * np.sin(angles), top - n * period - drop], 1)
-            rib = scene.tube(arc, np.full(angles.size, 5.0))
+            rib = scene.tube(arc, np.full(angles.size, 4.0))
             if rib is not None:
                 scene.paint(*rib, hu.rib)

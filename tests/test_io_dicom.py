@@ -15,7 +15,7 @@ import pytest
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import JPEG2000Lossless, RLELossless, DeflatedExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
 from resdsn_ray.io import AIR_HU, read_volume, write_mask
 
@@ -53,7 +53,7 @@ def assert_slices_placed(volume, folder: Path) -> dict[str, int]:
     for path, ds in _slice_files(folder):
         ipp = LPS_TO_RAS @ np.array(ds.ImagePositionPatient, dtype=float)
         ijk = nib.affines.apply_affine(inverse, ipp)
-        k = int(round(ijk[2]))
+        k = round(ijk[2])
         np.testing.assert_allclose(ijk, [0, 0, k], atol=1e-3, err_msg=path.name)
         row, col = (LPS_TO_RAS @ np.array(v, float) for v in np.reshape(ds.ImageOrientationPatient, (2, 3)))
         dr, dc = (float(v) for v in ds.PixelSpacing)
