@@ -94,17 +94,17 @@ def list_cases(uri: str) -> list[Case]:
 
 
 def _mark_bad_ids(cases: list[Case]) -> list[Case]:
-    """Set `error` on unsafe ids and on every repeat of an id (the first keeps it)."""
+    """Set `error` on unsafe ids and on every repeat of an id (the first listed keeps it)."""
     seen: dict[str, str] = {}
     out: list[Case] = []
-    for case in sorted(cases, key=lambda c: (c.case_id, c.image_uri)):
+    for case in cases:
         error = case.error or unsafe_reason(case.case_id)
         if error is None and case.case_id in seen:
             error = f"duplicate case id {case.case_id!r} (also {seen[case.case_id]})"
         if error is None:
             seen[case.case_id] = case.image_uri
         out.append(Case(case.case_id, case.image_uri, case.label_uri, error))
-    return out
+    return sorted(out, key=lambda c: c.case_id)
 
 
 def _entries(uri: str) -> dict[str, str]:

@@ -153,7 +153,7 @@ class CoarseToFine:
         patch = bundle.model_config.patch
         model = bundle.model
         accumulate = torch.device("cpu") if self.config.accumulate_on == "cpu" else self.device
-        autocast = self._autocast()
+        autocast = self.precision_context()
         memory_format = torch.channels_last_3d if self.config.channels_last else torch.contiguous_format
 
         def predictor(batch: torch.Tensor) -> torch.Tensor:
@@ -174,7 +174,8 @@ class CoarseToFine:
             mask = (scores > 0.5).cpu().numpy()
         return mask, len(plan_windows(tuple(image.shape), patch, window.n))
 
-    def _autocast(self):
+    def precision_context(self):
+        """Autocast to the configured reduced precision (a no-op for fp32)."""
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
         if self.config.precision not in dtypes:
             return nullcontext()

@@ -65,6 +65,9 @@ from resdsn_ray.windows import Box, bounding_box, decrop
 SHAPES = ("split", "whole")
 DEFAULT_SHAPE = "whole"
 MAX_IN_FLIGHT_PER_ACTOR = 2
+# A case whose worker process dies (killed for memory, a crash in native code) is retried this
+# many times, then dropped from the stream and reported as an error row: never retried forever.
+PROCESS_RETRIES = 2
 EMPTY = np.zeros((0, 0, 0), dtype=np.float32)
 AWS_PASSTHROUGH = ("NO_PROXY", "no_proxy")
 log = logging.getLogger(__name__)
@@ -79,6 +82,7 @@ class Resources:
     fine_actors: int = 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
+    task_cpus: float = 1.0  # each read/preprocess and finish/write task
     read_tasks: int = 2
     actor_start_timeout_s: float = 600.0  # fail instead of hanging when no node can host an actor
 
@@ -340,8 +344,10 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
     context = DataContext.get_current()
     context.wait_for_min_actors_s = res.actor_start_timeout_s
     context.enable_progress_bars = False
+    context.max_errored_blocks = -1  # a case lost with its worker must not end the run
     env = {"env_vars": aws_env()} if aws_env() else None
-    task = dict(num_cpus=1, compute=TaskPoolStrategy(size=max(1, res.read_tasks)), runtime_env=env)
+    task = dict(num_cpus=res.task_cpus, compute=TaskPoolStrategy(size=max(1, res.read_tasks)), runtime_env=env,
+                max_retries=PROCESS_RETRIES)
     threads = max(1, int(res.cpus_per_actor))
 
     def pool(size: int) -> dict[str, Any]:
@@ -350,6 +356,7 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
             num_cpus=res.cpus_per_actor,
             num_gpus=res.gpus_per_actor or None,
             runtime_env=env,
+            max_task_retries=PROCESS_RETRIES,
         )
 
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -403,19 +410,36 @@ def _check_output(job: ArchiveJob) -> None:
         raise InputError(job.output, f"output must not lie inside the archive {job.input} (it would be listed as cases)")
 
 
-def _check_cpus(job: ArchiveJob) -> None:
-    """Warn when the actor pools' CPU reservations leave no CPU for the read/finish tasks.
+def pools(job: ArchiveJob) -> int:
+    return 2 if job.resources.shape == "split" and job.engine.mode == "c2f" else 1
 
-    Ray Data would then wait forever without an error (see docs/notes on actor pools)."""
-    pools = 2 if job.resources.shape == "split" and job.engine.mode == "c2f" else 1
-    reserved = pools * job.resources.cpus_per_actor
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if reserved > cpus - 1:
+
+def fit_cpus(n_pools: int, node_cpus: list[float], actor: float | None = None, task: float | None = None) -> tuple[float, float]:
+    """CPUs to reserve per actor and per task so that the job cannot stall on this cluster.
+
+    Ray Data starts one actor per pool up front. If those reservations leave no node with room
+    for a read or finish task, nothing ever moves and no error is raised: on the whole
+    cluster, pools x actor + task must fit, and on the smallest node, actor + task. Defaults
+    are 1 CPU each, lowered (fractions are fine: the reservations are only bookkeeping) where
+    the nodes are small.
+    """
+    total, smallest = sum(node_cpus), min(node_cpus)
+    task = task if task is not None else min(1.0, smallest / 2)
+    if actor is None:
+        actor = min(1.0, smallest - task, (total - task) / n_pools)
+    if actor <= 0 or n_pools * actor + task > total + 1e-9 or actor + task > max(node_cpus) + 1e-9:
         raise InputError(
             "--cpus-per-actor",
-            f"{pools} actor pool(s) x {job.resources.cpus_per_actor} CPU leave under 1 of the cluster's {cpus:g} "
-            "CPUs for the read and write tasks; the job would stall. Lower --cpus-per-actor (fractions are fine).",
+            f"{n_pools} actor pool(s) x {actor:g} CPU plus a {task:g}-CPU task do not fit on nodes with "
+            f"{node_cpus} CPUs; the job would stall. Lower --cpus-per-actor / --task-cpus (fractions are fine).",
         )
+    return actor, task
+
+
+def node_cpus() -> list[float]:
+    """Logical CPUs of each alive node of the connected cluster."""
+    cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return [c for c in cpus if c > 0] or [0.0]
 
 
 def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResult:
@@ -474,12 +498,20 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
     progress = _Progress(len(todo), job.progress_s, say)
     if todo:
         connect()
-        _check_cpus(job)
+        res = job.resources
+        fit_cpus(pools(job), node_cpus(), res.cpus_per_actor, res.task_cpus)
         preprocess = {"coarse": coarse.preprocess if coarse else None, "fine": fine.preprocess if fine else None}
+        seen: set[str] = set()
         for row in build_dataset(todo, job, preprocess).iter_rows():
             row = _from_stream(row)
+            seen.add(row["case_id"])
             writer.add(row)
             progress.update(row)
+        for row in todo:
+            if row["case_id"] not in seen:
+                lost = _lost(row)
+                writer.add(lost)
+                progress.update(lost)
     writer.flush()
     progress.report(final=True)
 
@@ -499,6 +531,13 @@ def _listing_error(row: dict[str, Any], case: Case, history: runs.History) -> di
     now = runs.utc_now()
     return dict(row, status=runs.STATUS_ERROR, error=f"listing: {case.error}", label_uri=case.label_uri,
                 attempt=history.next_attempt(case.case_id), started_at=now, finished_at=now)
+
+
+def _lost(row: dict[str, Any]) -> dict[str, Any]:
+    now = runs.utc_now()
+    return dict(row, status=runs.STATUS_ERROR, label_uri=row["label_uri"] or None, mask_uri=None, started_at=now,
+                finished_at=now, error=f"worker: the process segmenting this case died {PROCESS_RETRIES + 1} times "
+                                   "(killed for memory?); see the Ray logs")
 
 
 def _skipped(row: dict[str, Any], history: runs.History) -> dict[str, Any]:
@@ -611,7 +650,9 @@ def add_archive_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fine-actors", type=int, default=1, help="fine pool size (--shape split)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor; fractions share a GPU")
     parser.add_argument("--cpus-per-actor", type=float, default=None,
-                        help="CPUs reserved per actor (default: 1, less where the cluster has few CPUs)")
+                        help="CPUs reserved per actor (default: 1, less where the nodes have few CPUs)")
+    parser.add_argument("--task-cpus", type=float, default=None,
+                        help="CPUs reserved per read or finish task (default: 1, less where the nodes have few CPUs)")
     parser.add_argument("--read-tasks", type=int, default=2, help="concurrent read/preprocess and write/metrics tasks")
     parser.add_argument("--actor-timeout", type=float, default=600.0,
                         help="seconds to wait for the actor pools to start before failing (e.g. no GPU node)")
@@ -623,14 +664,6 @@ def add_archive_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress-seconds", type=float, default=10.0, help="progress line interval")
     parser.add_argument("--demo-dir", default=DEMO_DIR, help="folder of the demo archive and outputs (no --input)")
     parser.add_argument("--demo-cases", type=int, default=DEMO_CASES, help="cases in the demo archive")
-
-
-def _auto_cpus(args: argparse.Namespace, engine: EngineConfig) -> float:
-    if args.cpus_per_actor is not None:
-        return args.cpus_per_actor
-    pools = 2 if args.shape == "split" and engine.mode == "c2f" else 1
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.25, min(1.0, (cpus - 1.0) / pools))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -651,9 +684,12 @@ def main(argv: list[str] | None = None) -> int:
         if output is None:
             raise InputError("--output", "required with --input")
         connect(args.address)
+        actor_cpus, task_cpus = fit_cpus(
+            2 if args.shape == "split" and engine.mode == "c2f" else 1, node_cpus(), args.cpus_per_actor, args.task_cpus
+        )
         resources = Resources(
             shape=args.shape, coarse_actors=args.coarse_actors, fine_actors=args.fine_actors,
-            gpus_per_actor=args.gpus_per_actor, cpus_per_actor=_auto_cpus(args, engine),
+            gpus_per_actor=args.gpus_per_actor, cpus_per_actor=actor_cpus, task_cpus=task_cpus,
             read_tasks=args.read_tasks, actor_start_timeout_s=args.actor_timeout,
         )
         job = ArchiveJob(

@@ -8,9 +8,11 @@ bowel walls), so a model must use shape and context, not a threshold.
 Anatomy is drawn from the seed in a patient frame in millimetres (x to the patient's right,
 y anterior, z superior; the organ sits near z = 0) and is independent of the voxel grid: the
 same seed gives the same patient at any `shape`. The grid is drawn from the seed too: a field
-of view divided by `shape` (0.7-0.85 mm in-plane at 512x512), an orientation (70 % RAS, the
-rest LPS, one flipped axis or a slightly oblique RAS grid) and a table offset. The voxel array
-always matches the affine, so in world space the anatomy stays put whatever the orientation.
+of view divided by `shape` (the whole body width, 0.7-0.85 mm in-plane at 512x512; 120-170 mm
+along z, but no slice thinner than 0.7-1.0 mm, so a 300-slice scan covers 210-300 mm), an
+orientation (70 % RAS, the rest LPS, one flipped axis, or a grid turned 3-10 degrees in the
+axial plane) and a table offset. The voxel array always matches the affine: whatever the
+orientation, the anatomy stays put in world space.
 """
 
 from __future__ import annotations
@@ -51,11 +53,12 @@ def make_case(
     anatomy_seq, grid_seq, noise_seq = np.random.SeedSequence(_check_seed(seed)).spawn(3)
     rng = np.random.default_rng(anatomy_seq)
     body = _Body.draw(rng)
-    grid, flips, offset = _draw_grid(np.random.default_rng(grid_seq), body, shape, spacing)
+    scan = _Scan.draw(np.random.default_rng(grid_seq), body, shape, spacing)
+    rotation, flips = scan.rotation, scan.flips
     if orientation is not None:
-        flips = _parse_orientation(orientation)
-        grid = _Grid(shape, _axis_aligned(grid))
-    scene = _Scene(grid)
+        rotation, flips = np.eye(3), _parse_orientation(orientation)
+    grid = _Grid(shape, _grid_affine(rotation, scan.spacing, scan.centre, shape))
+    scene = _Scene(grid, body.cavity)
     _paint_anatomy(scene, body, rng)
     _add_noise(scene.image, np.random.default_rng(noise_seq), sigma=rng.uniform(10.0, 20.0))
     image = np.clip(np.rint(scene.image, out=scene.image), -1024, 3071).astype(np.int16)
@@ -66,7 +69,7 @@ def make_case(
             image, label = np.flip(image, axis), np.flip(label, axis)
             affine[:3, 3] += affine[:3, axis] * (shape[axis] - 1)
             affine[:3, axis] *= -1
-    affine[:3, 3] += offset
+    affine[:3, 3] += scan.offset
     return np.ascontiguousarray(image), np.ascontiguousarray(label), affine
 
 
@@ -187,60 +190,55 @@ class _Grid:
         ]
         out = []
         for row in range(3):
-            value: np.ndarray | np.float32 = np.float32(self.affine[row, 3])
-            for axis in range(3):
-                if self.affine[row, axis] != 0:
-                    value = value + np.float32(self.affine[row, axis]) * index[axis]
-            out.append(np.asarray(value, dtype=np.float32).reshape(np.shape(value) or (1, 1, 1)))
+            weights = [np.float32(w) for w in self.affine[row, :3]]
+            terms = [w * i for w, i in zip(weights, index) if w != 0]
+            out.append(sum(terms[1:], terms[0]) + np.float32(self.affine[row, 3]))
         return out
 
 
-def _axis_aligned(grid: _Grid) -> np.ndarray:
-    """The same field of view and spacing as `grid`, without its rotation."""
-    spacing = grid.spacing
-    centre = grid.affine @ np.append((np.array(grid.shape) - 1) / 2, 1)
-    return _grid_affine(np.eye(3), spacing, centre[:3], grid.shape)
-
-
 def _grid_affine(rotation: np.ndarray, spacing: np.ndarray, centre: np.ndarray, shape: tuple) -> np.ndarray:
+    """Voxel -> patient affine of a grid with these axes and voxel size, centred on `centre`."""
     affine = np.eye(4)
     affine[:3, :3] = rotation @ np.diag(spacing)
     affine[:3, 3] = centre - affine[:3, :3] @ ((np.array(shape) - 1) / 2)
     return affine
 
 
-def _draw_grid(
-    rng: np.random.Generator, body: _Body, shape: tuple[int, int, int], spacing
-) -> tuple[_Grid, tuple[bool, bool, bool], np.ndarray]:
-    """Field of view, orientation and table offset of one scan."""
-    fov_xy = (2 * max(body.a, body.b + abs(body.cy)) + 30) * rng.uniform(1.0, 1.2)
-    fov_z = rng.uniform(110.0, 160.0)
-    centre = np.array([rng.uniform(-8, 8), body.cy + rng.uniform(-8, 8), rng.uniform(-10, 20)])
-    if spacing is None:
-        in_plane = fov_xy / min(shape[0], shape[1])
-        spacing = (in_plane, in_plane, fov_z / shape[2])
-    draw = rng.uniform()
-    rotation = np.eye(3)
-    flips = (False, False, False)
-    if draw < 0.70:
-        pass
-    elif draw < 0.85:
-        flips = (True, True, False)
-    elif draw < 0.95:
-        flipped = int(rng.integers(3))
-        flips = tuple(axis == flipped for axis in range(3))  # type: ignore[assignment]
-    else:
-        axis = rng.normal(size=3)
-        rotation = _rotation(axis / np.linalg.norm(axis), np.radians(rng.uniform(3, 10)))
-    offset = np.array([rng.uniform(-40, 40), rng.uniform(-60, 60), rng.uniform(-800, -100)])
-    grid = _Grid(shape, _grid_affine(rotation, np.asarray(spacing, dtype=np.float64), centre, shape))
-    return grid, flips, offset  # type: ignore[return-value]
+@dataclass(frozen=True)
+class _Scan:
+    """How one scan frames the patient: voxel size, field-of-view centre, orientation, and
+    the table offset from the patient frame to the scanner's world frame."""
 
+    spacing: np.ndarray
+    centre: np.ndarray
+    rotation: np.ndarray
+    flips: tuple[bool, bool, bool]
+    offset: np.ndarray
 
-def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
-    """Rodrigues' rotation matrix about a unit axis."""
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+    @classmethod
+    def draw(cls, rng: np.random.Generator, body: _Body, shape: tuple[int, int, int],
+             spacing: tuple[float, float, float] | None) -> _Scan:
+        fov_xy = (2 * max(body.a, body.b + abs(body.cy)) + 30) * rng.uniform(1.0, 1.2)
+        fov_z = rng.uniform(120.0, 170.0)
+        centre = np.array([rng.uniform(-8, 8), body.cy + rng.uniform(-8, 8), rng.uniform(-10, 20)])
+        thinnest = rng.uniform(0.7, 1.0)  # slices are rarely thinner, so long stacks see more
+        if spacing is None:
+            in_plane = fov_xy / min(shape[0], shape[1])
+            spacing = (in_plane, in_plane, max(fov_z / shape[2], thinnest))
+        draw = rng.uniform()
+        rotation = np.eye(3)
+        flips = (False, False, False)
+        if 0.70 <= draw < 0.85:
+            flips = (True, True, False)  # LPS
+        elif 0.85 <= draw < 0.95:
+            flipped = int(rng.integers(3))
+            flips = (flipped == 0, flipped == 1, flipped == 2)
+        elif draw >= 0.95:  # turned in the axial plane: a non-diagonal affine
+            angle = np.radians(rng.uniform(3, 10)) * rng.choice([-1, 1])
+            c, s = np.cos(angle), np.sin(angle)
+            rotation = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+        offset = np.array([rng.uniform(-40, 40), rng.uniform(-60, 60), rng.uniform(-800, -100)])
+        return cls(np.asarray(spacing, dtype=np.float64), centre, rotation, flips, offset)
 
 
 # ---------------------------------------------------------------------------------- scene
@@ -254,16 +252,16 @@ class _Scene:
     i.e. where it covers more than half of a voxel.
     """
 
-    def __init__(self, grid: _Grid) -> None:
+    def __init__(self, grid: _Grid, cavity) -> None:
         self.grid = grid
+        self.cavity = cavity  # ((x, y), (half width, half depth)) of the abdominal cavity
         self.edge = float(np.mean(grid.spacing))
         self.image = np.empty(grid.shape, dtype=np.float32)
         self.label = np.zeros(grid.shape, dtype=np.uint8)
 
-    def field(self, lo, hi, margin: float = 0.0):
-        """(box, x, y, z) of the grid part within `margin` + one voxel of the box [lo, hi]."""
-        pad = margin + self.edge
-        box = self.grid.block(np.asarray(lo) - pad, np.asarray(hi) + pad)
+    def field(self, lo, hi):
+        """(box, x, y, z) of the grid part within one voxel of the patient-frame box [lo, hi]."""
+        box = self.grid.block(np.asarray(lo) - self.edge, np.asarray(hi) + self.edge)
         return None if box is None else (box, *self.grid.coords(box))
 
     def paint(self, box, dist: np.ndarray, hu: float) -> None:
@@ -275,10 +273,10 @@ class _Scene:
         field = self.field(np.asarray(centre) - reach, np.asarray(centre) + reach)
         return None if field is None else (field[0], _ellipsoid(*field[1:], centre, axes, angle))
 
-    def inside(self, box, dist: np.ndarray, cavity, inset: float) -> np.ndarray:
+    def inside(self, box, dist: np.ndarray, inset: float = 2.0) -> np.ndarray:
         """`dist` cut to `inset` mm inside the abdominal cavity (organs hug its wall)."""
         x, y, _ = self.grid.coords(box)
-        return np.maximum(dist, _ellipse(x, y, *cavity) + np.float32(inset))
+        return np.maximum(dist, _ellipse(x, y, *self.cavity) + np.float32(inset))
 
     def tube(self, points: np.ndarray, radii: np.ndarray, margin: float = 0.0):
         """(box, dist) of a tube of varying radius along a polyline, or None if off-grid.
@@ -358,8 +356,10 @@ def _add_noise(image: np.ndarray, rng: np.random.Generator, sigma: float) -> Non
     nx, ny, nz = image.shape
     slab = max(1, (1 << 22) // (nx * ny))
     for k in range(0, nz, slab):
-        draw = rng.integers(-128, 128, size=(nx, ny, min(slab, nz - k)), dtype=np.int16)
-        noise = ndimage.correlate1d(draw.astype(np.float32) + np.float32(0.5), _NOISE_KERNEL, axis=0)
+        draw = rng.integers(-128, 127, size=(nx, ny, min(slab, nz - k)), dtype=np.int8, endpoint=True)
+        noise = draw.astype(np.float32)
+        noise += np.float32(0.5)  # the draws' mean is -0.5
+        ndimage.correlate1d(noise, _NOISE_KERNEL, axis=0, output=noise)
         ndimage.correlate1d(noise, _NOISE_KERNEL, axis=1, output=noise)
         noise *= gain
         image[:, :, k : k + noise.shape[2]] += noise
@@ -384,7 +384,7 @@ class _Body:
     def draw(cls, rng: np.random.Generator) -> _Body:
         u = rng.uniform
         return cls(a=u(150, 175), b=u(110, 130), cy=u(-5, 5), fat_front=u(8, 25),
-                   fat_side=u(8, 25), muscle=u(8, 13), back=u(75, 90))  # fmt: skip
+                   fat_side=u(8, 25), muscle=u(8, 13), back=u(75, 90))
 
     @property
     def cavity(self) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -437,7 +437,7 @@ class _Tissue:
             organ=80 + 40 * float(np.clip(enhance + rng.normal(0, 0.1), 0, 1)),
             cortical=u(700, 1000), cancellous=u(250, 400), disc=u(70, 100), csf=u(5, 25),
             rib=u(450, 750),
-        )  # fmt: skip
+        )
 
 
 def _paint_anatomy(scene: _Scene, body: _Body, rng: np.random.Generator) -> None:
@@ -445,8 +445,7 @@ def _paint_anatomy(scene: _Scene, body: _Body, rng: np.random.Generator) -> None
     the draws, and hence the anatomy, are the same whatever part of it the grid shows."""
     u = rng.uniform
     hu = _Tissue.draw(rng)
-    cavity = body.cavity
-    (_, cavity_y), (av, bv) = cavity
+    (_, cavity_y), (av, bv) = body.cavity
 
     def at(nx: float, ny: float, z: float) -> np.ndarray:
         """Patient mm of a point given in cavity-normalised x, y."""
@@ -469,23 +468,24 @@ def _paint_anatomy(scene: _Scene, body: _Body, rng: np.random.Generator) -> None
             sinus = _ellipsoid(*scene.grid.coords(box), hilum, (12, 10, 18))
             scene.paint(box, np.maximum(dist, sinus), hu.visceral_fat)
 
-    liver = scene.ellipsoid(at(u(0.5, 0.6), u(0.0, 0.2), u(65, 85)), (u(80, 95), u(75, 90), u(90, 105)))
+    liver_centre = at(u(0.5, 0.6), u(0.0, 0.2), u(65, 85))
+    liver = scene.ellipsoid(liver_centre, (u(80, 95), u(75, 90), u(90, 105)))
     if liver is not None:
-        scene.paint(liver[0], scene.inside(*liver, cavity, 2.0), hu.liver)
+        scene.paint(liver[0], scene.inside(*liver), hu.liver)
     gallbladder = scene.ellipsoid(at(u(0.25, 0.4), u(0.45, 0.65), u(10, 30)),
-                                  (u(12, 17), u(12, 17), u(25, 35)))  # fmt: skip
+                                  (u(12, 17), u(12, 17), u(25, 35)))
     if gallbladder is not None:
         scene.paint(*gallbladder, hu.bile)
     spleen_centre = at(-u(0.72, 0.82), u(-0.45, -0.25), u(25, 45))
-    spleen = scene.ellipsoid(spleen_centre, (u(22, 30), u(45, 55), u(45, 60)), np.radians(u(-50, -30)))
+    spleen_axes = (u(22, 30), u(45, 55), u(45, 60))
+    spleen = scene.ellipsoid(spleen_centre, spleen_axes, np.radians(u(-50, -30)))
     if spleen is not None:
-        scene.paint(spleen[0], scene.inside(*spleen, cavity, 2.0), hu.spleen)
+        scene.paint(spleen[0], scene.inside(*spleen), hu.spleen)
 
-    stomach_centre, stomach_axes = at(-u(0.3, 0.45), u(0.35, 0.55), u(50, 70)), (u(40, 55), u(28, 38), u(35, 50))
+    stomach_centre = at(-u(0.3, 0.45), u(0.35, 0.55), u(50, 70))
+    stomach_axes = (u(40, 55), u(28, 38), u(35, 50))
     stomach_gas = stomach_centre[1] + u(0.2, 0.6) * stomach_axes[1]
     stomach = scene.ellipsoid(stomach_centre, stomach_axes)
-    if stomach is not None:
-        stomach = (stomach[0], scene.inside(*stomach, cavity, 2.0))
     _paint_hollow(scene, stomach, hu.bowel_wall, u(0, 30), stomach_gas, u(-1000, -900), 4.0)
     _paint_bowel(scene, rng, at, hu)
 
@@ -498,12 +498,13 @@ def _paint_anatomy(scene: _Scene, body: _Body, rng: np.random.Generator) -> None
         at(head[0] / av - u(0.12, 0.22), u(0.35, 0.55), head[2] + u(0, 10)),
         at(tail[0] / av + u(0.25, 0.4), u(0.2, 0.45), tail[2] - u(0, 12)),
         tail,
-    ])  # fmt: skip
+    ])
     samples = 48
     centre_line, tangent = _bezier(control, samples)
     t = np.linspace(0, 1, samples)
-    knots = u(0.9, 1.15) * np.array([u(16, 21), u(9, 12.5), u(11, 15), u(9, 12.5)])
-    radius = np.interp(t, [0, 0.22, 0.5, 1], knots) * (1 + 0.08 * np.sin(2 * np.pi * (u(2, 4) * t + u(0, 1))))
+    knots = u(0.9, 1.1) * np.array([u(16, 21), u(9, 12.5), u(11, 15), u(9, 12.5)])
+    lobules = 1 + 0.08 * np.sin(2 * np.pi * (u(2, 4) * t + u(0, 1)))
+    radius = np.interp(t, [0, 0.22, 0.5, 1], knots) * lobules  # head, neck, body, tail
     halo = u(2, 5)
 
     # Duodenum: a C around the head in the coronal plane, then across below it.
@@ -515,15 +516,18 @@ def _paint_anatomy(scene: _Scene, body: _Body, rng: np.random.Generator) -> None
     across = c_loop[-1] + np.array([-u(50, 70), u(0, 10), u(-5, 5)])
     rising = across + np.array([-u(10, 20), u(-5, 5), u(10, 20)])
     duodenum = np.vstack([bulb, c_loop, across, rising])
-    duo_fluid, duo_gas = u(5, 30), head[1] + u(0, 15) if u(0, 1) < 0.5 else np.inf
+    duo_fluid, duo_gas, duo_air = u(5, 30), head[1] + u(0, 15), u(-1000, -900)
+    if u(0, 1) < 0.5:
+        duo_gas = np.inf  # no gas in this one
 
     # Vessels: aorta and IVC in front of the spine, SMA from the aorta; splenic vein along the
     # back of the organ from its neck to the spleen, SMV and portal vein from the confluence.
     spine_front = body.spine_front
     aorta_r, ivc_r, sma_r, vein_r = u(9, 13), u(9, 12), u(3.5, 5), u(4, 6)
     heights = np.linspace(-250, 250, 11)
-    aorta = np.stack([-0.07 * av + u(-3, 3, heights.size), np.full(heights.size, spine_front + aorta_r), heights], 1)
-    ivc = np.stack([np.full(heights.size, 0.15 * av + u(-5, 5)), np.full(heights.size, spine_front + ivc_r - 4), heights], 1)
+    level = np.ones_like(heights)
+    aorta = np.stack([-0.07 * av + u(-3, 3, heights.size), level * (spine_front + aorta_r), heights], 1)
+    ivc = np.stack([level * (0.15 * av + u(-5, 5)), level * (spine_front + ivc_r - 4), heights], 1)
     sma_top = np.array([aorta[5, 0], spine_front + 2 * aorta_r, u(15, 25)])
     sma = np.array([sma_top, sma_top + [0, u(10, 15), -20], sma_top + [0, u(15, 25), -300]])
     down = np.array([0.0, -1.0, 0.0])
@@ -540,21 +544,22 @@ def _paint_anatomy(scene: _Scene, body: _Body, rng: np.random.Generator) -> None
     if organ is not None:  # peripancreatic fat, under the structures that touch the organ
         scene.paint(organ[0], organ[1] - np.float32(halo), hu.visceral_fat)
     vessels = ((aorta, aorta_r, hu.artery), (ivc, ivc_r, hu.vein), (sma, sma_r, hu.artery),
-               (smv, vein_r + 1, hu.vein), (portal, vein_r + 3, hu.vein), (splenic, vein_r, hu.vein))  # fmt: skip
+               (smv, vein_r + 1, hu.vein), (portal, vein_r + 3, hu.vein), (splenic, vein_r, hu.vein))
     for points, r, value in vessels:
         vessel = scene.tube(points, np.full(len(points), r))
         if vessel is not None:
             scene.paint(*vessel, value)
     duo = scene.tube(duodenum, np.full(len(duodenum), duo_r))
-    _paint_hollow(scene, duo, hu.bowel_wall, duo_fluid, duo_gas, u(-1000, -900), 3.0)
+    _paint_hollow(scene, duo, hu.bowel_wall, duo_fluid, duo_gas, duo_air, 3.0)
     if organ is not None:
         scene.paint(*organ, hu.organ)
         scene.label[organ[0]] = organ[1] < 0
 
 
 def _paint_wall(scene: _Scene, body: _Body, hu: _Tissue) -> None:
-    """Air, skin, subcutaneous fat, muscle wall and visceral fat: built on the thin axial-plane
-    arrays of an axis-aligned grid, then broadcast along z in one pass."""
+    """Air, skin, subcutaneous fat, muscle wall and visceral fat. Patient x and y never depend
+    on k here (grids turn only in the axial plane), so this is built on one thin axial plane
+    and broadcast along z in one pass."""
     x, y, _ = scene.grid.coords(tuple(slice(0, n) for n in scene.grid.shape))
     outline = _ellipse(x, y, (0, body.cy), (body.a, body.b))
     plane = np.full(np.broadcast_shapes(x.shape, y.shape), -1000.0, dtype=np.float32)
@@ -567,11 +572,12 @@ def _paint_wall(scene: _Scene, body: _Body, hu: _Tissue) -> None:
 
 
 def _paint_hollow(scene: _Scene, shape, wall_hu: float, fluid_hu: float, gas_level: float,
-                  gas_hu: float, wall: float) -> None:  # fmt: skip
-    """A hollow organ: enhancing wall, fluid lumen, gas in front of `gas_level` (y, supine)."""
+                  gas_hu: float, wall: float) -> None:
+    """A hollow organ inside the cavity: enhancing wall, fluid lumen, gas in front of
+    `gas_level` (y: the patient lies supine)."""
     if shape is None:
         return
-    box, dist = shape
+    box, dist = shape[0], scene.inside(*shape)
     scene.paint(box, dist, wall_hu)
     lumen = dist + np.float32(wall)
     scene.paint(box, lumen, fluid_hu)
@@ -588,7 +594,7 @@ def _paint_bowel(scene: _Scene, rng: np.random.Generator, at, hu: _Tissue) -> No
         at(0.75, u(-0.2, 0.1), -300), at(0.75, 0.0, u(0, 15)), at(0.55, 0.55, u(15, 30)),
         at(0.0, 0.65, u(-10, 15)), at(-0.55, 0.55, u(20, 35)), at(-0.78, 0.0, u(25, 40)),
         at(-0.75, u(-0.2, 0.1), -300),
-    ])  # fmt: skip
+    ])
     colon_gas, colon_fluid, colon_air = colon[:, 1].mean() + u(-10, 20), u(0, 40), u(-1000, -850)
     shape = scene.tube(colon, np.full(len(colon), colon_r))
     _paint_hollow(scene, shape, hu.bowel_wall, colon_fluid, colon_gas, colon_air, 3.0)
@@ -617,10 +623,12 @@ def _paint_spine(scene: _Scene, body: _Body, rng: np.random.Generator, hu: _Tiss
         mid_vertebra = np.float32(period / 2 - 8) - level  # arches only between the discs
         canal = (0, y0 - ry - 12)
         spine_top, spine_end = canal[1] - 9, body.cy - body.b + 12
-        parts = [(canal, (14, 13)), ((0, (spine_top + spine_end) / 2), (5, (spine_top - spine_end) / 2)),
-                 ((rx + 12, y0 - ry + 2), (16, 5)), ((-rx - 12, y0 - ry + 2), (16, 5))]  # fmt: skip
+        spinous = ((0, (spine_top + spine_end) / 2), (5, (spine_top - spine_end) / 2))
+        transverse = [((side * (rx + 12), y0 - ry + 2), (16, 5)) for side in (1, -1)]
+        parts = [(canal, (14, 13)), spinous, *transverse]
         for centre, axes in parts:
-            scene.paint(box, np.maximum(_ellipse(x, y, centre, axes), mid_vertebra), hu.cortical * 0.8)
+            arch = np.maximum(_ellipse(x, y, centre, axes), mid_vertebra)
+            scene.paint(box, arch, hu.cortical * 0.8)
         scene.paint(box, _ellipse(x, y, canal, (9, 8)), hu.csf)
     heights = np.linspace(-300, 60, 10)
     for side in (1, -1):  # psoas thickens towards the pelvis
@@ -640,7 +648,8 @@ def _paint_ribs(scene: _Scene, body: _Body, rng: np.random.Generator, hu: _Tissu
     drop = np.linspace(0, 80, angles.size)
     for n in range(4):
         for side in (1, -1):
-            arc = np.stack([side * a * np.cos(angles), body.cy + b * np.sin(angles), top - n * period - drop], 1)
+            x, y = side * a * np.cos(angles), body.cy + b * np.sin(angles)
+            arc = np.stack([x, y, top - n * period - drop], axis=1)
             rib = scene.tube(arc, np.full(angles.size, 4.0))
             if rib is not None:
                 scene.paint(*rib, hu.rib)

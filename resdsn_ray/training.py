@@ -15,6 +15,7 @@ What a run does:
 
 Output layout under OUTPUT (local folder or s3://):
   run.json           settings, cases used and skipped, status, final figures
+  refused.json       only when too few cases were readable: why, and which were skipped
   train/checkpoint_<iteration>/state.pt   model + optimiser + iteration (last `keep` kept)
   bundle/            the final model bundle (config.json, weights.safetensors)
 
@@ -51,6 +52,7 @@ PRESETS = ("paper", "demo")
 JHMI_ITERATIONS = 300_000
 RUN_NAME = "train"  # Ray Train's run folder under OUTPUT
 RUN_RECORD = "run.json"
+REFUSAL = "refused.json"  # written instead of training when too few cases are usable
 BUNDLE_DIR = "bundle"
 STATE_FILE = "state.pt"
 # Settings that define the trained model; the others (cadences) may change on resume.
@@ -456,7 +458,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     usable = sorted(i for ids, _ in shares for i in ids)
     skipped_all = sorted((s for _, lost in shares for s in lost), key=lambda s: s["case_id"])
     if len(usable) < max(config.min_cases, 1):
-        ray.train.report({"error": f"only {len(usable)} usable training case(s), need {config.min_cases}", "skipped": skipped_all})
+        # A refusal, not a failure: raising would make Ray retry (FailureConfig) to no avail.
+        if rank == 0:
+            refusal = {"error": f"only {len(usable)} usable training case(s), need {config.min_cases}", "skipped": skipped_all}
+            storage.write_text(storage.join(loop_config["output"], REFUSAL), json.dumps(refusal, indent=2))
         return
     if not cases:  # this rank's share was all unusable: borrow one usable case
         borrowed = [c for c in train_cases if c["case_id"] == usable[rank % len(usable)]]
@@ -726,6 +731,7 @@ def train(
             "train_cases": [row(c) for c in cases],
             "val_cases": [row(c) for c in held],
             "threads": max(1, int(cpus_per_worker)),
+            "output": output,
         },
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cpus_per_worker}),
@@ -738,10 +744,15 @@ def train(
             worker_runtime_env={"env_vars": env} if env else None,
         ),
     )
+    refusal_uri = storage.join(output, REFUSAL)
+    if storage.exists(refusal_uri):
+        storage.filesystem(refusal_uri)[0].rm(storage.filesystem(refusal_uri)[1])
     result = trainer.fit()
+    if storage.exists(refusal_uri):
+        refusal = json.loads(storage.read_bytes(refusal_uri))
+        skipped = ", ".join(f"{s['case_id']} ({s['reason']})" for s in refusal["skipped"])
+        raise InputError(cases_uri or str(data), f"{refusal['error']}; skipped: {skipped or 'none'}")
     metrics = dict(result.metrics or {})
-    if metrics.get("error"):
-        raise InputError(cases_uri or str(data), f"{metrics['error']} (skipped: {metrics.get('skipped')})")
     if result.checkpoint is None:
         raise RuntimeError(f"training under {output} ended without a checkpoint")
     state = _load_state(result.checkpoint)

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# A two-node Ray cluster on this machine, for trying `ray job submit` by hand and for the tests:
+# a head node and a second worker node, each its own raylet with its own CPUs and a custom
+# resource (head_node / node_b), its own temp dir and ports, and a capped object store and
+# memory. `stop` ends exactly the processes `start` started (their process groups): never
+# `ray stop`, which would also kill every other Ray on the machine.
+#
+#   infra/ray-local.sh start [STATE_DIR]   # prints the exports to use (also in STATE_DIR/env)
+#   infra/ray-local.sh stop  [STATE_DIR]
+#
+# Settings (environment): RAY_LOCAL_CPUS (per node, default 1), RAY_LOCAL_OBJECT_STORE_MB
+# (per node, default 256), RAY_LOCAL_MEMORY_MB (per node, default 2048), PYTHON (default: the
+# repo's .venv). The venv's bin/ is put first on the nodes' PATH because `ray job submit --
+# python ...` runs the `python` found on the PATH of the node that runs the job.
+set -euo pipefail
+export RAY_AUTH_MODE=token  # the cluster's default; every client and joining node needs it set
+
+cmd=${1:?usage: $0 start|stop [STATE_DIR]}
+state=${2:-/tmp/resdsn-ray-$(id -u)}  # keep it short: Ray's socket paths must fit in 107 bytes
+repo=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-$repo/.venv/bin/python}
+bin=$(dirname "$python")
+cpus=${RAY_LOCAL_CPUS:-1}
+store=$(( ${RAY_LOCAL_OBJECT_STORE_MB:-256} * 1024 * 1024 ))
+memory=$(( ${RAY_LOCAL_MEMORY_MB:-2048} * 1024 * 1024 ))
+
+free_ports() {  # N free TCP ports on 127.0.0.1
+  "$python" - "$1" <<'PY'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
+}
+
+node_ports() {  # the per-node port flags; workers get their own range of 64 ports
+  local p; read -r -a p <<<"$(free_ports 6)"
+  local base=$(( 10000 + RANDOM % 300 * 64 ))  # below the ephemeral range the other ports come from
+  echo "--node-manager-port ${p[0]} --object-manager-port ${p[1]} --dashboard-agent-listen-port ${p[2]}" \
+       "--dashboard-agent-grpc-port ${p[3]} --runtime-env-agent-port ${p[4]} --metrics-export-port ${p[5]}" \
+       "--min-worker-port $base --max-worker-port $(( base + 63 ))"
+}
+
+wait_started() {  # `ray start --block` logs this line once its node has joined the cluster
+  for _ in $(seq 240); do
+    grep -qs "Ray runtime started" "$1" && return 0
+    kill -0 "$2" 2>/dev/null || break
+    sleep 0.25
+  done
+  echo "Ray node did not start; see $1 and $state/tmp/session_latest/logs" >&2
+  tail -n 20 "$1" >&2
+  stop
+  exit 1
+}
+
+start() {
+  if [[ -f $state/env ]]; then echo "already started (see $state/env); stop it first" >&2; exit 1; fi
+  mkdir -p "$state"
+  local gcs dash client
+  read -r gcs dash client <<<"$(free_ports 3)"
+  local common=(--num-cpus "$cpus" --object-store-memory "$store" --memory "$memory" --temp-dir "$state/tmp"
+                --disable-usage-stats --block)
+  # setsid: each node's processes form their own process group, which `stop` ends.
+  PATH="$bin:$PATH" setsid "$bin/ray" start --head --node-ip-address 127.0.0.1 --port "$gcs" \
+      --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$dash" --ray-client-server-port "$client" \
+      --resources '{"head_node": 1}' $(node_ports) "${common[@]}" >"$state/head.log" 2>&1 </dev/null &
+  echo $! >"$state/head.pid"
+  wait_started "$state/head.log" "$(cat "$state/head.pid")"
+  local address=127.0.0.1:$gcs
+  PATH="$bin:$PATH" setsid "$bin/ray" start --address "$address" --node-ip-address 127.0.0.1 \
+      --resources '{"node_b": 1}' $(node_ports) "${common[@]}" >"$state/worker.log" 2>&1 </dev/null &
+  echo $! >"$state/worker.pid"
+  wait_started "$state/worker.log" "$(cat "$state/worker.pid")"
+  cat >"$state/env" <<ENV
+export RAY_ADDRESS=http://127.0.0.1:$dash
+export RAY_GCS_ADDRESS=$address
+export RAY_AUTH_MODE=token
+ENV
+  cat "$state/env"
+}
+
+stop() {
+  local role pid
+  for role in worker head; do
+    [[ -f $state/$role.pid ]] || continue
+    pid=$(cat "$state/$role.pid")
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for _ in $(seq 40); do pgrep -g "$pid" >/dev/null || break; sleep 0.25; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    rm -f "$state/$role.pid"
+  done
+  rm -f "$state/env"
+}
+
+case $cmd in
+  start) start ;;
+  stop) stop ;;
+  *) echo "usage: $0 start|stop [STATE_DIR]" >&2; exit 2 ;;
+esac

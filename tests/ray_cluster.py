@@ -1,0 +1,95 @@
+"""One local two-node Ray cluster per test session, started with `ray start` (infra/ray-local.sh).
+
+The head and a second worker node are separate raylets with their own CPU and custom resources
+(`head_node`, `node_b`), temp dir and ports. Both test modules that need Ray import the
+`ray_cluster` fixture from here; the cluster starts once, on first use, and stops at the end of
+the session. Stopping ends only the process groups this module started and checks that none of
+their processes is left.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "infra" / "ray-local.sh"
+
+
+@dataclass
+class Cluster:
+    state: Path
+    dashboard: str  # http://127.0.0.1:PORT, for `ray job` (RAY_ADDRESS)
+    gcs: str  # 127.0.0.1:PORT, for ray.init(address=...)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for `ray job ...` clients of this cluster."""
+        return {**os.environ, "RAY_ADDRESS": self.dashboard, "RAY_AUTH_MODE": "token"}
+
+    def groups(self) -> list[int]:
+        return [int((self.state / f"{role}.pid").read_text()) for role in ("head", "worker")
+                if (self.state / f"{role}.pid").exists()]
+
+
+_cluster: Cluster | None = None
+
+
+def _start() -> Cluster:
+    state = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))  # short: Ray's socket paths are limited
+    env = {**os.environ, "RAY_LOCAL_CPUS": "1", "RAY_LOCAL_OBJECT_STORE_MB": "200", "RAY_LOCAL_MEMORY_MB": "3072"}
+    done = subprocess.run([str(SCRIPT), "start", str(state)], env=env, capture_output=True, text=True, timeout=180)
+    if done.returncode != 0:
+        pytest.fail(f"infra/ray-local.sh start failed:\n{done.stdout}\n{done.stderr}")
+    values = dict(line.removeprefix("export ").split("=", 1) for line in done.stdout.splitlines() if line.startswith("export "))
+    return Cluster(state=state, dashboard=values["RAY_ADDRESS"], gcs=values["RAY_GCS_ADDRESS"])
+
+
+def _stop(cluster: Cluster) -> None:
+    groups = cluster.groups()
+    subprocess.run([str(SCRIPT), "stop", str(cluster.state)], capture_output=True, timeout=120)
+    deadline = time.monotonic() + 10
+    left = groups
+    while left and time.monotonic() < deadline:
+        left = [g for g in groups if subprocess.run(["pgrep", "-g", str(g)], capture_output=True).returncode == 0]
+        time.sleep(0.2)
+    assert not left, f"processes of the test cluster's process groups {left} are still running"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(request: pytest.FixtureRequest) -> Cluster:
+    """The session's local two-node cluster (started on first use)."""
+    global _cluster
+    if _cluster is None:
+        _cluster = _start()
+        cluster = _cluster
+
+        def stop() -> None:
+            global _cluster
+            _cluster = None
+            _stop(cluster)
+
+        request.addfinalizer(stop)
+    return _cluster
+
+
+@pytest.fixture(scope="session")
+def ray_driver(ray_cluster: Cluster):
+    """This test process as a Ray driver connected to the session cluster."""
+    import ray
+    from ray._raylet import Config
+
+    # The cluster uses token auth (Ray's default); a client must say so in RAY_AUTH_MODE, which
+    # Ray reads once at import: re-read it, as ray.init does itself when it enables token auth.
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.gcs, logging_level="WARNING")
+    yield ray_cluster
+    ray.shutdown()

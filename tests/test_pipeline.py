@@ -1,0 +1,237 @@
+"""The archive pipeline on a real local Ray cluster with everything in S3 (moto's server).
+
+This process is the Ray driver (`ray_driver`); the archive, the model bundles and all outputs
+live in a bucket on the moto server, reached through AWS_ENDPOINT_URL by every reader and writer
+(the pipeline hands the AWS variables to its workers).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import boto3
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from ray_cluster import ray_cluster, ray_driver  # noqa: F401  (session fixtures)
+
+from resdsn_ray import runs, storage
+from resdsn_ray.bundle import CONFIG_FILE, demo_bundle_uri, load_bundle, save_bundle
+from resdsn_ray.config import EngineConfig, ModelConfig, WindowConfig
+from resdsn_ray.engine import CoarseToFine
+from resdsn_ray.io import nifti_bytes, read_volume
+from resdsn_ray.model import build_model
+from resdsn_ray.pipeline import ArchiveJob, Resources, WholeCase, finish_case, read_case, run_archive
+from resdsn_ray.synthetic import write_archive
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3]
+
+DEMO = (Path(demo_bundle_uri("coarse")) / CONFIG_FILE).exists() and (Path(demo_bundle_uri("fine")) / CONFIG_FILE).exists()
+CASES = 4
+# Demo bundles are judged on the demo's own cases and settings; random bundles run small and fast.
+SHAPE = (96, 96, 64) if DEMO else (40, 40, 24)
+ENGINE = EngineConfig(device="cpu") if DEMO else EngineConfig(
+    coarse=WindowConfig(n=1, batch_size=8), fine=WindowConfig(n=1, batch_size=8), device="cpu"
+)
+RESOURCES = Resources(cpus_per_actor=0.5, task_cpus=0.5)  # the session cluster has 2 nodes x 1 CPU
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server: str) -> str:
+    name = f"resdsn-pipe-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def bundles(bucket: str) -> dict[str, str]:
+    """Bundle URIs in S3: the shipped demo bundles when present, else random small networks."""
+    uris = {}
+    for stage in ("coarse", "fine"):
+        uri = f"{bucket}/bundles/{stage}"
+        if DEMO:
+            for file in Path(demo_bundle_uri(stage)).iterdir():
+                storage.write_bytes(storage.join(uri, file.name), file.read_bytes())
+        else:
+            torch.manual_seed({"coarse": 1, "fine": 2}[stage])
+            save_bundle(uri, build_model("resdsn", width=4), ModelConfig(width=4, patch=16), stage)
+        uris[stage] = uri
+    return uris
+
+
+@pytest.fixture(scope="module")
+def archive(bucket: str) -> str:
+    uri = f"{bucket}/archive"
+    write_archive(uri, cases=CASES, seed=5, shape=SHAPE)
+    return uri
+
+
+def job(archive: str, output: str, bundles: dict[str, str], **kw) -> ArchiveJob:
+    return ArchiveJob(input=archive, output=output, coarse=bundles["coarse"], fine=bundles["fine"],
+                      engine=ENGINE, resources=kw.pop("resources", RESOURCES), flush_rows=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def whole(ray_driver, archive, bundles, bucket):
+    return run_archive(job(archive, f"{bucket}/out-whole", bundles, resources=replace(RESOURCES, shape="whole")))
+
+
+@pytest.fixture(scope="module")
+def split(ray_driver, archive, bundles, bucket):
+    return run_archive(job(archive, f"{bucket}/out-split", bundles, resources=replace(RESOURCES, shape="split")))
+
+
+def load_mask(uri: str) -> nib.Nifti1Image:
+    return nib.Nifti1Image.from_bytes(gzip.decompress(storage.read_bytes(uri)))
+
+
+def keys(prefix: str) -> list[str]:
+    fs, path = storage.filesystem(prefix)
+    fs.invalidate_cache()
+    return [f"s3://{k}" for k in fs.find(path)]
+
+
+def test_one_row_per_case_and_each_mask_on_its_input_grid(whole, archive):
+    rows = whole.rows
+    assert sorted(r["case_id"] for r in rows) == [f"case_{i:04d}" for i in range(CASES)]
+    assert {r["status"] for r in rows} <= {"ok", "no_organ"}, [r["error"] for r in rows]
+    for row in rows:
+        image = read_volume(row["image_uri"])
+        mask = load_mask(row["mask_uri"])
+        assert row["image_uri"].startswith(f"{archive}/imagesTr/")
+        assert mask.shape == image.shape and tuple(row["shape"]) == image.shape
+        np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
+        assert mask.get_data_dtype() == np.uint8
+        assert int(mask.header["sform_code"]) == 1
+
+
+def test_rows_in_parquet_and_the_run_record_in_s3(whole, bundles):
+    table = runs.read_rows(whole.record["output"])
+    assert table.num_rows == CASES and set(table["run_id"].to_pylist()) == {whole.run_id}
+    coarse_id, fine_id = load_bundle(bundles["coarse"]).id, load_bundle(bundles["fine"]).id
+    for row in table.to_pylist():
+        assert row["coarse_model"] == coarse_id and row["fine_model"] == fine_id
+        assert row["attempt"] == 1 and row["node"] and row["node_id"] and row["finished_at"] >= row["started_at"]
+        assert row["coarse_windows"] > 0 and row["t_read_s"] > 0 and row["t_coarse_s"] > 0 and row["t_write_s"] > 0
+        assert row["t_total_s"] >= row["t_coarse_s"] + row["t_read_s"]
+        assert row["label_uri"] and row["dsc"] is not None and row["ref_volume_ml"] > 0
+        if row["status"] == "ok":
+            assert row["fine_windows"] > 0 and len(row["coarse_bbox"]) == 6
+    record = runs.read_run_record(whole.record["output"], whole.run_id)
+    assert record["status"] == "finished" and record["counts"] == whole.counts
+    assert record["bundles"]["coarse"] == {"uri": bundles["coarse"], "id": coarse_id}
+    assert {"ray", "torch", "resdsn_ray", "python"} <= set(record["versions"])
+    assert record["engine"]["coarse"]["n"] == ENGINE.coarse.n and record["started_at"] < record["ended_at"]
+    names = keys(whole.record["output"])
+    assert all(k.split(whole.record["output"] + "/")[1].split("/")[0] in {"masks", "metrics", "runs"} for k in names)
+
+
+@pytest.mark.skipif(not DEMO, reason="demo bundles not trained yet (resdsn_ray/bundles/demo-coarse/config.json "
+                                     "missing): random-weight bundles cannot be judged on DSC")
+def test_demo_bundles_reach_the_dsc_target(whole):
+    dsc = [r["dsc"] for r in whole.rows]
+    assert np.mean(dsc) >= 0.85, dsc
+
+
+def test_split_pools_whole_actors_and_the_plain_engine_give_identical_masks(whole, split, bundles):
+    assert sorted(r["case_id"] for r in split.rows) == sorted(r["case_id"] for r in whole.rows)
+    engine = CoarseToFine(load_bundle(bundles["coarse"]), load_bundle(bundles["fine"]), ENGINE)
+    split_rows = {r["case_id"]: r for r in split.rows}
+    for row in whole.rows:
+        expected = engine.segment(read_volume(row["image_uri"]))
+        other = split_rows[row["case_id"]]
+        assert row["status"] == other["status"] == expected.status
+        assert row["coarse_bbox"] == other["coarse_bbox"] == (expected.box.to_list() if expected.box else None)
+        assert row["fine_windows"] == other["fine_windows"] == expected.fine_windows
+        np.testing.assert_array_equal(np.asanyarray(load_mask(row["mask_uri"]).dataobj), expected.mask)
+        np.testing.assert_array_equal(np.asanyarray(load_mask(other["mask_uri"]).dataobj), expected.mask)
+
+
+def test_rerun_skips_done_cases_and_overwrite_recomputes_them(split, archive, bundles):
+    output = split.record["output"]
+    fs, _ = storage.filesystem(output)
+    fs.invalidate_cache()
+    written = {r["case_id"]: fs.info(r["mask_uri"])["LastModified"] for r in split.rows}
+
+    again = run_archive(job(archive, output, bundles, resources=replace(RESOURCES, shape="split")))
+    assert again.counts == {"skipped": CASES}
+    assert all(r["attempt"] == 1 and split.run_id in r["error"] for r in again.rows)
+    fs.invalidate_cache()
+    assert {r["case_id"]: fs.info(r["mask_uri"])["LastModified"] for r in split.rows} == written
+
+    forced = run_archive(job(archive, output, bundles, resources=replace(RESOURCES, shape="split"), overwrite=True))
+    assert sum(forced.counts.get(s, 0) for s in ("ok", "no_organ")) == CASES
+    assert all(r["attempt"] == 2 for r in forced.rows)
+    history = runs.read_rows(output)
+    assert sorted(set(history["run_id"].to_pylist())) == sorted({split.run_id, again.run_id, forced.run_id})
+    assert history.num_rows == 3 * CASES  # one row per case and attempt; nothing rewritten
+
+
+def _dicom_series(target: str, ct5n: Path, split_series: bool) -> None:
+    for i, file in enumerate(sorted(ct5n.iterdir())):
+        ds = pydicom.dcmread(file)
+        if split_series and i % 2:
+            ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".2"
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        storage.write_bytes(storage.join(target, f"IM{i:04d}.dcm"), buffer.getvalue())
+
+
+def test_bad_inputs_each_give_one_error_row_and_good_cases_complete(ray_driver, bucket, archive, bundles, ct5n_dir):
+    flat = f"{bucket}/mixed"
+    for i in range(2):
+        storage.write_bytes(f"{flat}/good_{i}.nii.gz", storage.read_bytes(f"{archive}/imagesTr/case_{i:04d}.nii.gz"))
+    _dicom_series(f"{flat}/dicom_good", ct5n_dir, split_series=False)
+    whole_file = storage.read_bytes(f"{archive}/imagesTr/case_0002.nii.gz")
+    affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    nan = np.zeros((20, 20, 12), np.float32)
+    nan[4, 4, 4] = np.nan
+    bad = {
+        "truncated": whole_file[: len(whole_file) // 2],
+        "empty": b"",
+        "four_d": nifti_bytes(np.zeros((20, 20, 12, 2), np.int16), affine),
+        "nans": nifti_bytes(nan, affine),
+        "bad\x07id": whole_file,
+        "up..level": whole_file,
+    }
+    for name, data in bad.items():
+        storage.write_bytes(f"{flat}/{name}.nii.gz", data)
+    _dicom_series(f"{flat}/two_series", ct5n_dir, split_series=True)
+
+    output = f"{bucket}/out-mixed"
+    result = run_archive(job(flat, output, bundles))
+    rows = {r["case_id"]: r for r in result.rows}
+    assert len(result.rows) == len(rows) == 3 + len(bad) + 1
+    expected = {
+        "truncated": "truncated", "empty": "empty file", "four_d": "4-D", "nans": "NaN",
+        "bad\x07id": "control", "up..level": "'..'", "two_series": "2 DICOM series",
+    }
+    for case_id, fragment in expected.items():
+        row = rows[case_id]
+        assert row["status"] == "error" and fragment in row["error"], row
+        assert row["mask_uri"] is None
+    for case_id in ("good_0", "good_1", "dicom_good"):
+        assert rows[case_id]["status"] in ("ok", "no_organ"), rows[case_id]["error"]
+        assert load_mask(rows[case_id]["mask_uri"]).shape == read_volume(rows[case_id]["image_uri"]).shape
+    masks = sorted(k.rsplit("/", 1)[1] for k in keys(f"{output}/masks"))
+    assert masks == ["dicom_good.nii.gz", "good_0.nii.gz", "good_1.nii.gz"]
+
+
+def test_single_stage_modes_run_through_the_stage_functions(ray_driver, archive, bundles, bucket):
+    # The whole-case actor class runs any engine mode; here its code runs in this process.
+    coarse_only = replace(ENGINE, mode="coarse")
+    bundle = load_bundle(bundles["coarse"])
+    uri = f"{archive}/imagesTr/case_0000.nii.gz"
+    row = read_case({"case_id": "c0", "image_uri": uri, "label_uri": "", "mask_uri": f"{bucket}/modes/c0.nii.gz"},
+                    coarse=bundle.preprocess, fine=None)
+    row = WholeCase(bundles["coarse"], None, coarse_only)(row)
+    out = finish_case(row, coarse_only.post_ratio)
+    expected = CoarseToFine(bundle, None, coarse_only).segment(read_volume(uri))
+    assert out["status"] == expected.status and out["fine_windows"] == 0 and out["coarse_windows"] > 0
+    np.testing.assert_array_equal(np.asanyarray(load_mask(out["mask_uri"]).dataobj), expected.mask)
