@@ -5,7 +5,8 @@ Feeds compared (each inside Ray Train workers, DDP, global batch 16 split over t
 - local:   worker-local samplers over volumes preloaded in the worker (what training.py does);
 - raydata: patches cut by a Ray Data actor pool holding the volumes, streamed to the workers
            with `get_dataset_shard(...).iter_torch_batches`.
-Phases alternate (bare, loop, bare, loop) so drift hits both alike. Goal: loop/bare >= 0.8.
+Phases alternate in short blocks (bare, loop, bare, loop, ...) so drift hits both alike; medians
+over blocks, in wall and in CPU time. Goal: loop/bare >= 0.8.
 
     python bench/train.py                       # demo model (P=32, width 8), 1 and 2 workers
     python bench/train.py --torch-only --device cuda --preset paper   # one GPU, no Ray
@@ -37,9 +38,9 @@ from resdsn_ray.training import (
 )
 
 
-def _timed(fn, iterations: int, device: torch.device) -> float:
-    """Seconds for `iterations` calls of fn (the last one's loss is synchronised)."""
-    start = time.perf_counter()
+def _timed(fn, iterations: int, device: torch.device) -> tuple[float, float]:
+    """(wall, process CPU) seconds for `iterations` calls of fn, synchronised at the end."""
+    wall, cpu = time.perf_counter(), time.process_time()
     loss = None
     for _ in range(iterations):
         loss = fn()
@@ -47,14 +48,18 @@ def _timed(fn, iterations: int, device: torch.device) -> float:
         float(loss)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def measure(model, config, next_batch, device: torch.device, local: int, scale: float, iterations: int, blocks: int) -> dict:
-    """Per-rank seconds per iteration: bare step on a fixed batch vs step on `next_batch()`."""
+    """Per-rank seconds per iteration, bare step on a fixed batch vs step on `next_batch()`.
+
+    Blocks alternate; the figures are medians over blocks, in wall time and in this process's
+    CPU time (the latter holds up when other programs share the cores).
+    """
     optimizer = make_optimizer(model, config)
     images, labels = next_batch()
-    fixed = (torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device))
+    fixed = (torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device).long())
     lr = poly_lr(config.lr, 0, config.iterations, config.lr_power)
 
     def bare():
@@ -62,16 +67,19 @@ def measure(model, config, next_batch, device: torch.device, local: int, scale: 
 
     def loop():
         x, y = next_batch()
-        return train_step(model, optimizer, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), lr, config.model.aux_weights, scale)
+        return train_step(model, optimizer, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device).long(), lr, config.model.aux_weights, scale)
 
     _timed(bare, 2, device)  # warm-up
     _timed(loop, 1, device)
-    bare_s = loop_s = 0.0
+    runs = {"bare": [], "loop": []}
     for _ in range(blocks):
-        bare_s += _timed(bare, iterations, device)
-        loop_s += _timed(loop, iterations, device)
-    n = iterations * blocks
-    return {"bare_s_per_it": bare_s / n, "loop_s_per_it": loop_s / n}
+        for name, fn in (("bare", bare), ("loop", loop)):
+            runs[name].append(_timed(fn, iterations, device))
+    out = {}
+    for name, values in runs.items():
+        out[f"{name}_wall_s"] = float(np.median([w for w, _ in values])) / iterations
+        out[f"{name}_cpu_s"] = float(np.median([c for _, c in values])) / iterations
+    return out
 
 
 def worker(loop_config: dict) -> None:
@@ -138,7 +146,9 @@ def run_ray(args, config, cases: list, workers: int, feed: str) -> dict:
     if feed == "raydata":
         total = (3 + args.iterations * args.blocks * 2 + 8) * config.batch_size
         datasets = {
-            "train": ray.data.range(total).map_batches(
+            # from_items: the row ids live in the object store, so no read task needs a whole CPU
+            # (a 1-CPU ReadRange task next to the workers and the actor deadlocks on 2 CPUs).
+            "train": ray.data.from_items([{"id": i} for i in range(total)], override_num_blocks=8).map_batches(
                 PatchProducer,
                 fn_constructor_kwargs={"cases": cases, "config": _to_dict(config)},
                 batch_size=config.batch_size,
@@ -158,9 +168,12 @@ def run_ray(args, config, cases: list, workers: int, feed: str) -> dict:
         with open(out) as handle:
             times = json.load(handle)
     # DDP steps in lock-step: the slowest rank sets the pace.
-    bare = max(t["bare_s_per_it"] for t in times)
-    loop = max(t["loop_s_per_it"] for t in times)
-    return {"feed": feed, "workers": workers, "bare_samples_s": config.batch_size / bare, "loop_samples_s": config.batch_size / loop, "ratio": bare / loop}
+    row = {"feed": feed, "workers": workers}
+    for kind in ("wall", "cpu"):
+        bare = max(t[f"bare_{kind}_s"] for t in times)
+        loop = max(t[f"loop_{kind}_s"] for t in times)
+        row.update({f"bare_{kind}": config.batch_size / bare, f"loop_{kind}": config.batch_size / loop, f"ratio_{kind}": bare / loop})
+    return row
 
 
 def _to_dict(config) -> dict:
@@ -178,18 +191,20 @@ def run_torch_only(args, config, cases: list) -> dict:
     loaded, _ = load_training_cases(cases, config)
     sampler = PatchSampler(loaded, config.stage, config.model.patch, np.random.default_rng(0))
     times = measure(model, config, lambda: sampler.batch(config.batch_size), device, config.batch_size, 1.0, args.iterations, args.blocks)
-    return {"feed": "local (torch only)", "device": str(device), "workers": 1,
-            "bare_its_s": 1 / times["bare_s_per_it"], "loop_its_s": 1 / times["loop_s_per_it"],
-            "bare_samples_s": config.batch_size / times["bare_s_per_it"], "loop_samples_s": config.batch_size / times["loop_s_per_it"],
-            "ratio": times["bare_s_per_it"] / times["loop_s_per_it"]}
+    row = {"feed": "local (torch only)", "device": str(device), "workers": 1}
+    for kind in ("wall", "cpu"):
+        bare, loop = times[f"bare_{kind}_s"], times[f"loop_{kind}_s"]
+        row.update({f"bare_{kind}": config.batch_size / bare, f"loop_{kind}": config.batch_size / loop, f"ratio_{kind}": bare / loop})
+    row.update(bare_its_s=1 / times["bare_wall_s"], loop_its_s=1 / times["loop_wall_s"])
+    return row
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["demo", "paper"], default="demo")
     parser.add_argument("--stage", choices=["coarse", "fine"], default="coarse")
-    parser.add_argument("--iterations", type=int, default=4, help="iterations per timed block")
-    parser.add_argument("--blocks", type=int, default=2, help="bare/loop block pairs")
+    parser.add_argument("--iterations", type=int, default=2, help="iterations per timed block")
+    parser.add_argument("--blocks", type=int, default=6, help="bare/loop block pairs")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--feeds", nargs="+", choices=["local", "raydata"], default=["local", "raydata"])
     parser.add_argument("--cases", type=int, default=4, help="synthetic training cases")
@@ -208,12 +223,14 @@ def main() -> int:
         else:
             import ray
 
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
             rows = [run_ray(args, config, cases, w, feed) for feed in args.feeds for w in args.workers]
             ray.shutdown()
-    print(f"{'feed':<20} {'workers':>7} {'bare samples/s':>15} {'loop samples/s':>15} {'loop/bare':>10}")
-    for row in rows:
-        print(f"{row['feed']:<20} {row['workers']:>7} {row['bare_samples_s']:>15.2f} {row['loop_samples_s']:>15.2f} {row['ratio']:>10.3f}")
+    print("samples/s (global batch), median over blocks; wall clock and per-process CPU time")
+    print(f"{'feed':<20} {'workers':>7} {'bare wall':>10} {'loop wall':>10} {'ratio':>7} {'bare cpu':>10} {'loop cpu':>10} {'ratio':>7}")
+    for r in rows:
+        print(f"{r['feed']:<20} {r['workers']:>7} {r['bare_wall']:>10.2f} {r['loop_wall']:>10.2f} {r['ratio_wall']:>7.3f} "
+              f"{r['bare_cpu']:>10.2f} {r['loop_cpu']:>10.2f} {r['ratio_cpu']:>7.3f}")
     print(json.dumps(rows))
     return 0
 

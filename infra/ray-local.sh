@@ -80,17 +80,27 @@ ENV
   cat "$state/env"
 }
 
+group_alive() {  # any process of group $1 that is not a zombie
+  ps -eo pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ {found = 1} END {exit !found}'
+}
+
 stop() {
-  local role pid
+  local role groups=()
   for role in worker head; do
-    [[ -f $state/$role.pid ]] || continue
-    pid=$(cat "$state/$role.pid")
-    kill -TERM -- "-$pid" 2>/dev/null || true
-    for _ in $(seq 40); do pgrep -g "$pid" >/dev/null || break; sleep 0.25; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-    rm -f "$state/$role.pid"
+    [[ -f $state/$role.pid ]] && groups+=("$(cat "$state/$role.pid")")
   done
-  rm -f "$state/env"
+  if [[ ${#groups[@]} -gt 0 ]]; then
+    local g
+    for g in "${groups[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
+    for _ in $(seq 12); do  # a short grace period, then the rest of each group is killed
+      local left=0
+      for g in "${groups[@]}"; do group_alive "$g" && left=1; done
+      [[ $left == 0 ]] && break
+      sleep 0.25
+    done
+    for g in "${groups[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
+  fi
+  rm -f "$state/head.pid" "$state/worker.pid" "$state/env"
 }
 
 case $cmd in

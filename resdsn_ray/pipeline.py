@@ -65,7 +65,7 @@ from resdsn_ray.windows import Box, bounding_box, decrop
 SHAPES = ("split", "whole")
 DEFAULT_SHAPE = "whole"
 MAX_IN_FLIGHT_PER_ACTOR = 2
-# A case whose worker process dies (killed for memory, a crash in native code) is retried this
+# A case whose actor process dies (killed for memory, a crash in native code) is retried this
 # many times, then dropped from the stream and reported as an error row: never retried forever.
 PROCESS_RETRIES = 2
 EMPTY = np.zeros((0, 0, 0), dtype=np.float32)
@@ -108,7 +108,7 @@ class ArchiveJob:
 @dataclass
 class RunResult:
     run_id: str
-    rows: list[dict[str, Any]]  # this run's rows, in the order they finished
+    rows: list[dict[str, Any]]  # this run's rows (`runs.COLUMNS`), in the order they finished
     counts: dict[str, int]
     seconds: float
     record: dict[str, Any]
@@ -346,8 +346,7 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
     context.enable_progress_bars = False
     context.max_errored_blocks = -1  # a case lost with its worker must not end the run
     env = {"env_vars": aws_env()} if aws_env() else None
-    task = dict(num_cpus=res.task_cpus, compute=TaskPoolStrategy(size=max(1, res.read_tasks)), runtime_env=env,
-                max_retries=PROCESS_RETRIES)
+    task = dict(num_cpus=res.task_cpus, compute=TaskPoolStrategy(size=max(1, res.read_tasks)), runtime_env=env)
     threads = max(1, int(res.cpus_per_actor))
 
     def pool(size: int) -> dict[str, Any]:
@@ -356,20 +355,25 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
             num_cpus=res.cpus_per_actor,
             num_gpus=res.gpus_per_actor or None,
             runtime_env=env,
+            # Ray Data retries an actor task forever when its actor dies, so one case that kills
+            # its worker would stall the run. Extra remote args are deprecated (Ray 2.64) with no
+            # named replacement yet; tasks keep Ray's default of 3 retries.
             max_task_retries=PROCESS_RETRIES,
         )
 
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map(read_case, fn_kwargs=preprocess, **task)
     engine = job.engine
-    if job.resources.shape == "split" and engine.mode == "c2f":
-        ds = ds.map(CoarseStage, fn_constructor_kwargs=dict(coarse=job.coarse, engine=engine, threads=threads),
-                    **pool(res.coarse_actors))
-        ds = ds.map(FineStage, fn_constructor_kwargs=dict(fine=job.fine, engine=engine, threads=threads),
-                    **pool(res.fine_actors))
-    else:
-        ds = ds.map(WholeCase, fn_constructor_kwargs=dict(coarse=job.coarse, fine=job.fine, engine=engine, threads=threads),
-                    **pool(res.coarse_actors))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        if job.resources.shape == "split" and engine.mode == "c2f":
+            ds = ds.map(CoarseStage, fn_constructor_kwargs=dict(coarse=job.coarse, engine=engine, threads=threads),
+                        **pool(res.coarse_actors))
+            ds = ds.map(FineStage, fn_constructor_kwargs=dict(fine=job.fine, engine=engine, threads=threads),
+                        **pool(res.fine_actors))
+        else:
+            ds = ds.map(WholeCase, fn_constructor_kwargs=dict(coarse=job.coarse, fine=job.fine, engine=engine,
+                                                              threads=threads), **pool(res.coarse_actors))
     return ds.map(finish_case, fn_kwargs={"post_ratio": engine.post_ratio}, **task)
 
 
@@ -536,7 +540,7 @@ def _listing_error(row: dict[str, Any], case: Case, history: runs.History) -> di
 def _lost(row: dict[str, Any]) -> dict[str, Any]:
     now = runs.utc_now()
     return dict(row, status=runs.STATUS_ERROR, label_uri=row["label_uri"] or None, mask_uri=None, started_at=now,
-                finished_at=now, error=f"worker: the process segmenting this case died {PROCESS_RETRIES + 1} times "
+                finished_at=now, error="worker: the process handling this case died on every retry "
                                    "(killed for memory?); see the Ray logs")
 
 
@@ -573,6 +577,7 @@ class _RowWriter:
         self.last = time.monotonic()
 
     def add(self, row: dict[str, Any]) -> None:
+        row = {name: row.get(name) for name in runs.COLUMNS}
         self.rows.append(row)
         self.pending.append(row)
         if len(self.pending) >= self.job.flush_rows or time.monotonic() - self.last >= self.job.flush_s:

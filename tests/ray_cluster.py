@@ -57,8 +57,10 @@ def _stop(cluster: Cluster) -> None:
     deadline = time.monotonic() + 10
     left = groups
     while left and time.monotonic() < deadline:
-        left = [g for g in groups if subprocess.run(["pgrep", "-g", str(g)], capture_output=True).returncode == 0]
         time.sleep(0.2)
+        listing = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True).stdout.split("\n")
+        alive = {int(p) for p, stat in (line.split() for line in listing if line.strip()) if not stat.startswith("Z")}
+        left = [g for g in groups if g in alive]
     assert not left, f"processes of the test cluster's process groups {left} are still running"
 
 
