@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -299,8 +301,6 @@ def train_step(
 
 def parameter_checksum(model: torch.nn.Module) -> str:
     """A hash of every parameter's bytes: equal on all replicas iff they are identical."""
-    import hashlib
-
     digest = hashlib.sha256()
     for tensor in getattr(model, "module", model).parameters():
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -653,19 +653,23 @@ def _check_resume(output: str, config: TrainConfig) -> dict[str, Any] | None:
 
 
 def _code_version() -> str:
+    """Package version, plus the git commit (and `-dirty`) when running from a checkout."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         package = version("resdsn_ray")
     except PackageNotFoundError:
         package = "unknown"
-    import subprocess
-
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=os.path.dirname(__file__),
+                                capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"{package}+{commit}" if commit else package
+
+
+def _row(case: Case) -> dict[str, Any]:
+    return {"case_id": case.case_id, "image_uri": case.image_uri, "label_uri": case.label_uri}
 
 
 def train(
@@ -690,6 +694,8 @@ def train(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     check_config(config)
+    if config.batch_size < workers:
+        raise InputError("--workers", f"{workers} workers cannot share a global batch of {config.batch_size}")
     output = str(output).rstrip("/")
     cases, rejected = training_cases(data, cases_uri)
     for item in rejected:
@@ -701,6 +707,11 @@ def train(
         cases, held = split_validation(cases, val_cases, config.seed)
     if len(cases) < max(config.min_cases, 1):
         raise InputError(cases_uri or str(data), f"only {len(cases)} labelled case(s) to train on, need {config.min_cases}")
+    if not ray.is_initialized():
+        ray.init()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpu and gpus < workers:  # Ray would wait for them forever
+        raise InputError("--gpu", f"the Ray cluster has {gpus:g} GPU(s); {workers} worker(s) need one each")
     record = _check_resume(output, config)
     if record is not None:
         say(f"[train] {output} holds this run: resuming from its newest checkpoint")
@@ -720,19 +731,14 @@ def train(
     }
     storage.write_text(storage.join(output, RUN_RECORD), json.dumps(record, indent=2))
 
-    if not ray.is_initialized():
-        ray.init()
-    if gpu and ray.cluster_resources().get("GPU", 0) < workers:
-        raise InputError("--gpu", f"the Ray cluster has {ray.cluster_resources().get('GPU', 0):g} GPU(s), {workers} worker(s) asked for one each")
     storage_path, filesystem = storage_target(output)
-    row = lambda c: {"case_id": c.case_id, "image_uri": c.image_uri, "label_uri": c.label_uri}  # noqa: E731
     env = _aws_env()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": to_dict(config),
-            "train_cases": [row(c) for c in cases],
-            "val_cases": [row(c) for c in held],
+            "train_cases": [_row(c) for c in cases],
+            "val_cases": [_row(c) for c in held],
             "threads": max(1, int(cpus_per_worker)),
             "output": output,
         },

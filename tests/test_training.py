@@ -301,3 +301,13 @@ def test_too_few_readable_cases_refuse_to_train(ray_cluster, tmp_path: Path, cap
     with pytest.raises(InputError, match="only 1 usable") as err:
         run_train(args)
     assert "case_0000" in str(err.value)
+
+
+@pytest.mark.ray
+def test_gpu_asked_on_a_cluster_without_gpus_is_refused_at_once(ray_cluster, tmp_path: Path):
+    data = _archive(str(tmp_path / "data"), cases=2)
+    with pytest.raises(InputError, match="GPU"):  # instead of waiting forever for one
+        train(_tiny(), str(tmp_path / "run"), data=data, workers=1, gpu=True)
+    with pytest.raises(InputError, match="global batch"):
+        train(_tiny(batch_size=2), str(tmp_path / "run"), data=data, workers=3)
+    assert not (tmp_path / "run").exists()
