@@ -2,8 +2,9 @@
 # A two-node Ray cluster on this machine, for trying `ray job submit` by hand and for the tests:
 # a head node and a second worker node, each its own raylet with its own CPUs and a custom
 # resource (head_node / node_b), its own temp dir and ports, and a capped object store and
-# memory. `stop` ends exactly the processes `start` started (their process groups): never
-# `ray stop`, which would also kill every other Ray on the machine.
+# memory. `stop` ends exactly the processes `start` started (the sessions it created, and the
+# job drivers those started): never `ray stop`, which would also kill every other Ray on the
+# machine.
 #
 #   infra/ray-local.sh start [STATE_DIR]   # prints the exports to use (also in STATE_DIR/env)
 #   infra/ray-local.sh stop  [STATE_DIR]
@@ -61,7 +62,7 @@ start() {
   read -r gcs dash client <<<"$(free_ports 3)"
   local common=(--num-cpus "$cpus" --object-store-memory "$store" --memory "$memory" --temp-dir "$state/tmp"
                 --disable-usage-stats --block)
-  # setsid: each node's processes form their own process group, which `stop` ends.
+  # setsid: each node's processes (whatever their process group) share a session, which `stop` ends.
   PATH="$bin:$PATH" setsid "$bin/ray" start --head --node-ip-address 127.0.0.1 --port "$gcs" \
       --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$dash" --ray-client-server-port "$client" \
       --resources '{"head_node": 1}' $(node_ports) "${common[@]}" >"$state/head.log" 2>&1 </dev/null &
@@ -80,25 +81,34 @@ ENV
   cat "$state/env"
 }
 
-group_alive() {  # any process of group $1 that is not a zombie
-  ps -eo pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ {found = 1} END {exit !found}'
+ours() {  # live PIDs of the given sessions and of the sessions their processes started (job drivers)
+  ps -eo pid=,ppid=,sid=,stat= | awk -v sessions="$*" '
+    BEGIN { n = split(sessions, s, " "); for (i = 1; i <= n; i++) S[s[i]] = 1 }
+    { pid[NR] = $1; ppid[NR] = $2; sid[NR] = $3; stat[NR] = $4; if ($3 in S) P[$1] = 1 }
+    END {
+      for (i = 1; i <= NR; i++) if ((ppid[i] in P) && !(sid[i] in S)) D[sid[i]] = 1
+      for (i = 1; i <= NR; i++) if (((sid[i] in S) || (sid[i] in D)) && stat[i] !~ /^Z/) print pid[i]
+    }'
 }
 
 stop() {
-  local role groups=()
+  # Each `ray start` above ran under setsid, so every process of its node (raylet, GCS, workers,
+  # each in its own process group) is in the session it leads; job drivers start their own
+  # sessions from a worker. Only those are signalled: other Ray clusters on the machine live on.
+  local role sessions=()
   for role in worker head; do
-    [[ -f $state/$role.pid ]] && groups+=("$(cat "$state/$role.pid")")
+    [[ -f $state/$role.pid ]] && sessions+=("$(cat "$state/$role.pid")")
   done
-  if [[ ${#groups[@]} -gt 0 ]]; then
-    local g
-    for g in "${groups[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
-    for _ in $(seq 12); do  # a short grace period, then the rest of each group is killed
-      local left=0
-      for g in "${groups[@]}"; do group_alive "$g" && left=1; done
-      [[ $left == 0 ]] && break
+  if [[ ${#sessions[@]} -gt 0 ]]; then
+    local pids
+    pids=$(ours "${sessions[@]}")
+    [[ -n $pids ]] && kill -TERM $pids 2>/dev/null || true
+    for _ in $(seq 12); do  # a short grace period, then whatever is left is killed
+      [[ -z $(ours "${sessions[@]}") ]] && break
       sleep 0.25
     done
-    for g in "${groups[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
+    pids=$(ours "${sessions[@]}")
+    [[ -n $pids ]] && kill -KILL $pids 2>/dev/null || true
   fi
   rm -f "$state/head.pid" "$state/worker.pid" "$state/env"
 }

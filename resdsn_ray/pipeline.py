@@ -83,6 +83,7 @@ class Resources:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     task_cpus: float = 1.0  # each read/preprocess and finish/write task
+    threads_per_actor: int | None = None  # torch CPU threads per actor; None: round(cpus_per_actor), at least 1
     read_tasks: int = 2
     actor_start_timeout_s: float = 600.0  # fail instead of hanging when no node can host an actor
 
@@ -347,7 +348,7 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
     context.max_errored_blocks = -1  # a case lost with its worker must not end the run
     env = {"env_vars": aws_env()} if aws_env() else None
     task = dict(num_cpus=res.task_cpus, compute=TaskPoolStrategy(size=max(1, res.read_tasks)), runtime_env=env)
-    threads = max(1, int(res.cpus_per_actor))
+    threads = res.threads_per_actor or max(1, round(res.cpus_per_actor))
 
     def pool(size: int) -> dict[str, Any]:
         return dict(

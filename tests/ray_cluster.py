@@ -3,8 +3,8 @@
 The head and a second worker node are separate raylets with their own CPU and custom resources
 (`head_node`, `node_b`), temp dir and ports. Both test modules that need Ray import the
 `ray_cluster` fixture from here; the cluster starts once, on first use, and stops at the end of
-the session. Stopping ends only the process groups this module started and checks that none of
-their processes is left.
+the session. Stopping ends only the sessions this module started (infra/ray-local.sh stop) and
+checks that none of their processes is left.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class Cluster:
         """Environment for `ray job ...` clients of this cluster."""
         return {**os.environ, "RAY_ADDRESS": self.dashboard, "RAY_AUTH_MODE": "token"}
 
-    def groups(self) -> list[int]:
+    def sessions(self) -> list[int]:
+        """The sessions (setsid) of the head and worker `ray start`: all of their processes."""
         return [int((self.state / f"{role}.pid").read_text()) for role in ("head", "worker")
                 if (self.state / f"{role}.pid").exists()]
 
@@ -52,16 +53,16 @@ def _start() -> Cluster:
 
 
 def _stop(cluster: Cluster) -> None:
-    groups = cluster.groups()
+    sessions = cluster.sessions()
     subprocess.run([str(SCRIPT), "stop", str(cluster.state)], capture_output=True, timeout=120)
     deadline = time.monotonic() + 10
-    left = groups
+    left = sessions
     while left and time.monotonic() < deadline:
         time.sleep(0.2)
-        listing = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True).stdout.split("\n")
-        alive = {int(p) for p, stat in (line.split() for line in listing if line.strip()) if not stat.startswith("Z")}
-        left = [g for g in groups if g in alive]
-    assert not left, f"processes of the test cluster's process groups {left} are still running"
+        listing = subprocess.run(["ps", "-eo", "sid=,stat="], capture_output=True, text=True).stdout.split("\n")
+        alive = {int(sid) for sid, stat in (line.split() for line in listing if line.strip()) if not stat.startswith("Z")}
+        left = [s for s in sessions if s in alive]
+    assert not left, f"processes of the test cluster's sessions {left} are still running"
 
 
 @pytest.fixture(scope="session")
