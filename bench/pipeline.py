@@ -90,22 +90,36 @@ class PeakMemory:
         self._thread.join()
 
 
-def plain_loop(archive: str, out: str, coarse: str, fine: str, engine: EngineConfig, threads: int) -> float:
-    """Seconds to segment every case of `archive` in one process, as the engine alone would."""
+def plain_loop(archive: str, out: str, coarse: str, fine: str, engine: EngineConfig, threads: int,
+               give_up: float = float("inf")) -> tuple[float, bool]:
+    """Seconds to segment every case of `archive` in one process, as the engine alone would.
+
+    Stops after 3 cases when that pace would take over `give_up` seconds for the archive, and
+    returns the extrapolated time with True (torch's thread pool collapses when other processes
+    hold cores: on this shared 2-core machine 2 threads ran 15x slower than 1).
+    """
     torch.set_num_threads(threads)
     c2f = CoarseToFine(load_bundle(coarse), load_bundle(fine), engine)
+    cases = list_cases(archive)
     start = time.perf_counter()
-    for case in list_cases(archive):
+    for i, case in enumerate(cases):
         volume = read_volume(case.image_uri)
         result = c2f.segment(volume)
         write_mask(storage.join(out, f"{case.case_id}.nii.gz"), result.mask, like=volume)
         if case.label_uri:
             case_metrics(result.mask > 0, read_volume(case.label_uri).array > 0, volume.spacing)
-    return time.perf_counter() - start
+        pace = (time.perf_counter() - start) / (i + 1) * len(cases)
+        if i == 2 and pace > give_up:
+            return pace, True
+    return time.perf_counter() - start, False
 
 
-def pipeline(archive: str, out: str, coarse: str, fine: str, engine: EngineConfig, shape: str, actors: int) -> tuple[float, int, int]:
-    """(seconds, peak cluster bytes, idle cluster bytes) of one run on a fresh local Ray."""
+def pipeline(archive: str, out: str, coarse: str, fine: str, engine: EngineConfig, shape: str,
+             actors: int) -> tuple[float, float, int, int]:
+    """(seconds, steady cases/min, peak cluster bytes, idle cluster bytes) of a run on a fresh local Ray.
+
+    Steady throughput counts the cases after the first finished one over the time since then,
+    i.e. without the start of the actor pools."""
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     try:
         time.sleep(2)
@@ -122,7 +136,9 @@ def pipeline(archive: str, out: str, coarse: str, fine: str, engine: EngineConfi
             seconds = time.perf_counter() - start
         bad = [r for r in result.rows if r["status"] not in ("ok", "no_organ")]
         assert not bad, bad
-        return seconds, memory.peak, idle
+        ends = sorted(r["finished_at"].timestamp() for r in result.rows)
+        steady = 60 * (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else float("nan")
+        return seconds, steady, memory.peak, idle
     finally:
         ray.shutdown()
 
@@ -133,8 +149,8 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=10)
     parser.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64])
     parser.add_argument("--shapes", nargs="+", default=["whole", "split"], choices=["whole", "split"])
-    parser.add_argument("--actors", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                        help="actors per pool (default: half the cores; each runs 1 torch thread)")
+    parser.add_argument("--actors", type=int, default=None,
+                        help="actors per pool, each with 1 torch thread (default: one per core over all pools)")
     parser.add_argument("--n-coarse", type=int, default=2)
     parser.add_argument("--n-fine", type=int, default=2)
     parser.add_argument("--work", help="working folder (default: a temporary one)")
@@ -160,20 +176,24 @@ def main() -> None:
           f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.1f}", flush=True)
     loops = {}
     for threads in sorted({1, os.cpu_count() or 1}):
-        loops[threads] = plain_loop(archive, str(work / f"loop-{threads}"), coarse, fine, engine, threads)
-        print(f"plain loop, {threads} torch thread(s): {loops[threads]:.1f} s, {60 * args.cases / loops[threads]:.2f} cases/min", flush=True)
+        seconds, stopped = plain_loop(archive, str(work / f"loop-{threads}"), coarse, fine, engine, threads,
+                                      give_up=2 * min(loops.values(), default=float("inf")))
+        loops[threads] = seconds
+        print(f"plain loop, {threads} torch thread(s): {seconds:.1f} s{' (extrapolated from 3 cases; stopped)' if stopped else ''}, "
+              f"{60 * args.cases / seconds:.2f} cases/min", flush=True)
     best = min(loops.values())
+    actors = {s: args.actors or max(1, (os.cpu_count() or 1) // (2 if s == "split" else 1)) for s in args.shapes}
     for shape in args.shapes:
-        seconds, peak, idle = pipeline(archive, str(work / f"out-{shape}"), coarse, fine, engine, shape, args.actors)
-        print(f"pipeline {shape} ({args.actors} actor(s)/pool): {seconds:.1f} s, {60 * args.cases / seconds:.2f} cases/min, "
-              f"throughput ratio vs best loop {best / seconds:.2f}; peak cluster memory {peak / 2**20:.0f} MiB "
-              f"(idle {idle / 2**20:.0f} MiB)", flush=True)
+        seconds, steady, peak, idle = pipeline(archive, str(work / f"out-{shape}"), coarse, fine, engine, shape, actors[shape])
+        print(f"pipeline {shape} ({actors[shape]} actor(s)/pool): {seconds:.1f} s, {60 * args.cases / seconds:.2f} cases/min "
+              f"(steady {steady:.2f}), throughput ratio vs best loop {best / seconds:.2f}; "
+              f"peak cluster memory {peak / 2**20:.0f} MiB (idle {idle / 2**20:.0f} MiB)", flush=True)
         if shape == args.shapes[0]:
             full_peak = peak
     shape = args.shapes[0]
-    seconds, small_peak, idle = pipeline(str(small), str(work / "out-small"), coarse, fine, engine, shape, args.actors)
-    print(f"pipeline {shape} on the first {args.small} cases: {seconds:.1f} s, peak cluster memory {small_peak / 2**20:.0f} MiB "
-          f"(idle {idle / 2**20:.0f} MiB)", flush=True)
+    seconds, _, small_peak, idle = pipeline(str(small), str(work / "out-small"), coarse, fine, engine, shape, actors[shape])
+    print(f"pipeline {shape} on the first {args.small} cases: {seconds:.1f} s, peak cluster memory "
+          f"{small_peak / 2**20:.0f} MiB (idle {idle / 2**20:.0f} MiB)", flush=True)
     print(f"memory ratio {args.cases}-case / {args.small}-case archive: {full_peak / small_peak:.2f}")
     print(f"load average now {os.getloadavg()[0]:.1f}; masks and rows under {work}")
 

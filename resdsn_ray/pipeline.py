@@ -49,6 +49,7 @@ from typing import Any, Callable
 
 import numpy as np
 import ray
+import torch
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 import resdsn_ray
@@ -81,8 +82,8 @@ class Resources:
     coarse_actors: int = 1  # the `whole` pool uses this size
     fine_actors: int = 1
     gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-    task_cpus: float = 1.0  # each read/preprocess and finish/write task
+    cpus_per_actor: float | None = None  # None: fitted to the cluster's nodes (`fit_cpus`)
+    task_cpus: float | None = None  # each read/preprocess and finish/write task; None: fitted
     threads_per_actor: int | None = None  # torch CPU threads per actor; None: round(cpus_per_actor), at least 1
     read_tasks: int = 2
     actor_start_timeout_s: float = 600.0  # fail instead of hanging when no node can host an actor
@@ -98,6 +99,7 @@ class ArchiveJob:
     fine: str | None
     engine: EngineConfig = field(default_factory=EngineConfig)
     resources: Resources = field(default_factory=Resources)
+    address: str | None = None  # Ray cluster; None: RAY_ADDRESS / the submitting job, else a local Ray
     overwrite: bool = False
     run_id: str | None = None
     fold: int | None = None
@@ -173,8 +175,6 @@ class _Stage:
     """An actor holding loaded bundles: the model loads once per actor, not once per case."""
 
     def __init__(self, coarse: str | None, fine: str | None, engine: EngineConfig, threads: int) -> None:
-        import torch
-
         _quiet_numpy_views()
         torch.set_num_threads(max(1, threads))
         self.engine = CoarseToFine(
@@ -285,7 +285,7 @@ def finish_case(row: dict[str, Any], post_ratio: float) -> dict[str, Any]:
 def _finish(row: dict[str, Any], post_ratio: float) -> dict[str, Any]:
     shape = tuple(row["shape"])
     start = time.perf_counter()
-    if row.get("mask_at"):
+    if row.get("mask_at") is not None:
         mask = decrop(row["mask_box"].astype(bool), Box.from_list(row["mask_at"]), shape)
     else:
         mask = np.zeros(shape, dtype=bool)
@@ -348,7 +348,7 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
     context.max_errored_blocks = -1  # a case lost with its worker must not end the run
     env = {"env_vars": aws_env()} if aws_env() else None
     task = dict(num_cpus=res.task_cpus, compute=TaskPoolStrategy(size=max(1, res.read_tasks)), runtime_env=env)
-    threads = res.threads_per_actor or max(1, round(res.cpus_per_actor))
+    threads = res.threads_per_actor or max(1, round(res.cpus_per_actor or 1))
 
     def pool(size: int) -> dict[str, Any]:
         return dict(
@@ -395,7 +395,6 @@ def _settings(job: ArchiveJob, bundle_ids: dict[str, str | None]) -> dict[str, A
 
 def _versions() -> dict[str, str]:
     import pyarrow
-    import torch
 
     return {
         "resdsn_ray": resdsn_ray.__version__,
@@ -410,12 +409,17 @@ def _versions() -> dict[str, str]:
 def _check_output(job: ArchiveJob) -> None:
     if is_manifest(job.input):
         return
-    inside = job.output.rstrip("/") + "/"
-    if inside.startswith(job.input.rstrip("/") + "/") or job.output.rstrip("/") == job.input.rstrip("/"):
+
+    def norm(uri: str) -> str:
+        return os.path.abspath(uri.removeprefix("file://")) if storage.is_local(uri) else uri.rstrip("/")
+
+    archive, output = norm(job.input), norm(job.output)
+    if output == archive or output.startswith(archive + "/"):
         raise InputError(job.output, f"output must not lie inside the archive {job.input} (it would be listed as cases)")
 
 
 def pools(job: ArchiveJob) -> int:
+    """Actor pools the job starts: two in the split shape of a coarse-to-fine run, else one."""
     return 2 if job.resources.shape == "split" and job.engine.mode == "c2f" else 1
 
 
@@ -423,12 +427,16 @@ def fit_cpus(n_pools: int, node_cpus: list[float], actor: float | None = None, t
     """CPUs to reserve per actor and per task so that the job cannot stall on this cluster.
 
     Ray Data starts one actor per pool up front. If those reservations leave no node with room
-    for a read or finish task, nothing ever moves and no error is raised: on the whole
-    cluster, pools x actor + task must fit, and on the smallest node, actor + task. Defaults
-    are 1 CPU each, lowered (fractions are fine: the reservations are only bookkeeping) where
-    the nodes are small.
+    for a read or finish task, nothing ever moves and no error is raised (measured: two 0.5-CPU
+    actors on two 1-CPU nodes starved 1-CPU read tasks forever). Defaults are 1 CPU each,
+    lowered where nodes are small (fractions are fine: reservations are bookkeeping) so that
+    any node hosting an actor keeps room for a task. Given values must at least fit: pools x
+    actor + task on the cluster, actor + task on one node. A cluster without CPU nodes yet
+    (autoscaling from zero) is not checked.
     """
     total, smallest = sum(node_cpus), min(node_cpus)
+    if total <= 0:  # no worker node yet: an autoscaling cluster will bring them
+        return actor if actor is not None else 1.0, task if task is not None else 1.0
     task = task if task is not None else min(1.0, smallest / 2)
     if actor is None:
         actor = min(1.0, smallest - task, (total - task) / n_pools)
@@ -502,9 +510,10 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
         writer.add(row)
     progress = _Progress(len(todo), job.progress_s, say)
     if todo:
-        connect()
-        res = job.resources
-        fit_cpus(pools(job), node_cpus(), res.cpus_per_actor, res.task_cpus)
+        connect(job.address)
+        actor_cpus, task_cpus = fit_cpus(pools(job), node_cpus(), job.resources.cpus_per_actor, job.resources.task_cpus)
+        job = replace(job, resources=replace(job.resources, cpus_per_actor=actor_cpus, task_cpus=task_cpus))
+        record["resources"] = to_dict(job.resources)
         preprocess = {"coarse": coarse.preprocess if coarse else None, "fine": fine.preprocess if fine else None}
         seen: set[str] = set()
         for row in build_dataset(todo, job, preprocess).iter_rows():
@@ -689,18 +698,14 @@ def main(argv: list[str] | None = None) -> int:
             source, output = _demo_archive(args), output or storage.join(args.demo_dir, "run")
         if output is None:
             raise InputError("--output", "required with --input")
-        connect(args.address)
-        actor_cpus, task_cpus = fit_cpus(
-            2 if args.shape == "split" and engine.mode == "c2f" else 1, node_cpus(), args.cpus_per_actor, args.task_cpus
-        )
         resources = Resources(
             shape=args.shape, coarse_actors=args.coarse_actors, fine_actors=args.fine_actors,
-            gpus_per_actor=args.gpus_per_actor, cpus_per_actor=actor_cpus, task_cpus=task_cpus,
+            gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, task_cpus=args.task_cpus,
             read_tasks=args.read_tasks, actor_start_timeout_s=args.actor_timeout,
         )
         job = ArchiveJob(
             input=source, output=output, coarse=coarse, fine=fine, engine=engine, resources=resources,
-            overwrite=args.overwrite, run_id=args.run_id, fold=args.fold, flush_rows=args.flush_rows,
+            address=args.address, overwrite=args.overwrite, run_id=args.run_id, fold=args.fold, flush_rows=args.flush_rows,
             flush_s=args.flush_seconds, progress_s=args.progress_seconds,
         )
         result = run_archive(job, say=lambda line: print(line, flush=True))

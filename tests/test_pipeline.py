@@ -28,7 +28,8 @@ from resdsn_ray.config import EngineConfig, ModelConfig, WindowConfig
 from resdsn_ray.engine import CoarseToFine
 from resdsn_ray.io import nifti_bytes, read_volume
 from resdsn_ray.model import build_model
-from resdsn_ray.pipeline import ArchiveJob, Resources, WholeCase, finish_case, read_case, run_archive
+from resdsn_ray.errors import InputError
+from resdsn_ray.pipeline import ArchiveJob, Resources, WholeCase, finish_case, fit_cpus, read_case, run_archive
 from resdsn_ray.synthetic import write_archive
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
@@ -233,3 +234,26 @@ def test_single_stage_modes_run_through_the_stage_functions(ray_driver, archive,
     expected = CoarseToFine(bundle, None, coarse_only).segment(read_volume(uri))
     assert out["status"] == expected.status and out["fine_windows"] == 0 and out["coarse_windows"] > 0
     np.testing.assert_array_equal(np.asanyarray(load_mask(out["mask_uri"]).dataobj), expected.mask)
+
+
+@pytest.mark.parametrize(
+    "pools, nodes, given, expected",
+    [
+        (2, [1.0, 1.0], (None, None), (0.5, 0.5)),  # the session cluster: two 1-CPU raylets
+        (1, [2.0], (None, None), (1.0, 1.0)),
+        (2, [2.0], (None, None), (0.5, 1.0)),
+        (2, [8.0, 8.0], (None, None), (1.0, 1.0)),
+        (1, [0.0], (None, None), (1.0, 1.0)),  # autoscaling from zero workers: not checked
+        (2, [4.0], (1.5, 1.0), (1.5, 1.0)),
+    ],
+)
+def test_cpu_reservations_always_leave_room_for_a_task(pools, nodes, given, expected):
+    actor, task = fit_cpus(pools, nodes, *given)
+    assert (actor, task) == expected
+    if sum(nodes):
+        assert pools * actor + task <= sum(nodes) and actor + task <= min(nodes)
+
+
+def test_cpu_reservations_that_would_stall_are_refused():
+    with pytest.raises(InputError, match="would stall"):
+        fit_cpus(2, [2.0], 1.0, 1.0)
