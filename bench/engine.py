@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bare_forward_windows_per_s, case, engine, timed_c2f  # noqa: E402
+from common import bare_forward_windows_per_s, case, engine, timed_c2f
 
 
 def main() -> None:

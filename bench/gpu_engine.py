@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import bare_forward_windows_per_s, case, engine, timed_c2f  # noqa: E402
+from common import bare_forward_windows_per_s, case, engine, timed_c2f
 
 
 def main() -> None:

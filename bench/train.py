@@ -85,8 +85,9 @@ def measure(model, config, next_batch, device: torch.device, local: int, scale: 
 def worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
-    from resdsn_ray.model import build_model
+
     from resdsn_ray.config import from_dict
+    from resdsn_ray.model import build_model
     from resdsn_ray.training import TrainConfig
 
     config = from_dict(TrainConfig, loop_config["config"])
@@ -100,7 +101,7 @@ def worker(loop_config: dict) -> None:
     if loop_config["feed"] == "local":
         cases, _ = load_training_cases(loop_config["cases"][rank::world], config)
         sampler = PatchSampler(cases, config.stage, config.model.patch, np.random.default_rng(rank))
-        next_batch = lambda: sampler.batch(local)  # noqa: E731
+        next_batch = lambda: sampler.batch(local)
     else:
         batches = ray.train.get_dataset_shard("train").iter_batches(batch_size=local, batch_format="numpy")
         iterator = iter(batches)

@@ -12,6 +12,7 @@ with `error` set: the job reports it as an error row and writes nothing for it.
 from __future__ import annotations
 
 import io
+import math
 import os
 import posixpath
 import unicodedata
@@ -196,7 +197,7 @@ def _list_manifest(uri: str) -> list[Case]:
 
 def _text(value: object) -> str:
     """A manifest cell as text: missing values (None, NaN) become ''."""
-    if value is None or (isinstance(value, float) and value != value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return str(value)
 

@@ -43,9 +43,10 @@ import sys
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import ray
@@ -60,7 +61,7 @@ from resdsn_ray.config import EngineConfig, PreprocessConfig, to_dict
 from resdsn_ray.engine import STATUS_NO_ORGAN, CoarseToFine, finish_mask, prepare_inputs
 from resdsn_ray.errors import InputError
 from resdsn_ray.io import Volume, read_volume, write_mask
-from resdsn_ray.metrics import METRIC_KEYS, case_metrics
+from resdsn_ray.metrics import case_metrics
 from resdsn_ray.windows import Box, bounding_box, decrop
 
 SHAPES = ("split", "whole")
@@ -155,7 +156,7 @@ def read_case(row: dict[str, Any], coarse: PreprocessConfig | None, fine: Prepro
         start = time.perf_counter()
         coarse_input, fine_input = prepare_inputs(volume.array, coarse, fine)
         row["t_preprocess_s"] = time.perf_counter() - start
-    except Exception as err:  # any failure of one case is that case's error row
+    except Exception as err:  # noqa: BLE001  any failure of one case is that case's error row
         return _failed(row, "read", err)
     shared = coarse_input is fine_input
     row.update(
@@ -198,7 +199,7 @@ class CoarseStage(_Stage):
             start = time.perf_counter()
             box = self.engine.locate(mask)
             row["t_post_s"] = time.perf_counter() - start
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001  (one case's failure is its error row)
             return _failed(row, "coarse", err)
         source = image if row["shared_input"] else row["fine_input"]
         row.update(self.node)
@@ -221,7 +222,7 @@ class FineStage(_Stage):
             return row
         try:
             mask, row["fine_windows"], row["t_fine_s"] = self.engine.run_stage("fine", row["fine_input"])
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001  (one case's failure is its error row)
             return _failed(row, "fine", err)
         row.update(mask_at=row["coarse_bbox"], post_done=False)
         return _with_arrays(row, mask_box=mask.astype(np.uint8))
@@ -240,7 +241,7 @@ class WholeCase(_Stage):
             coarse_input = row["coarse_input"] if row["coarse_input"].size else None
             fine_input = coarse_input if row["shared_input"] else row["fine_input"] if row["fine_input"].size else None
             result = self.engine.segment_prepared(coarse_input, fine_input)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001  (one case's failure is its error row)
             return _failed(row, "segment", err)
         row.update(self.node)
         row.update(
@@ -265,7 +266,7 @@ def finish_case(row: dict[str, Any], post_ratio: float) -> dict[str, Any]:
     if row.get("status") != runs.STATUS_ERROR:
         try:
             row = _finish(row, post_ratio)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001  (one case's failure is its error row)
             row = _failed(row, "finish", err)
     finished = time.time()
     out = {name: row.get(name) for name in runs.COLUMNS if name in row}
@@ -347,34 +348,35 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
     context.enable_progress_bars = False
     context.max_errored_blocks = -1  # a case lost with its worker must not end the run
     env = {"env_vars": aws_env()} if aws_env() else None
-    task = dict(num_cpus=res.task_cpus, compute=TaskPoolStrategy(size=max(1, res.read_tasks)), runtime_env=env)
+    task = {"num_cpus": res.task_cpus, "compute": TaskPoolStrategy(size=max(1, res.read_tasks)), "runtime_env": env}
     threads = res.threads_per_actor or max(1, round(res.cpus_per_actor or 1))
 
     def pool(size: int) -> dict[str, Any]:
-        return dict(
-            compute=ActorPoolStrategy(min_size=1, max_size=max(1, size), max_tasks_in_flight_per_actor=MAX_IN_FLIGHT_PER_ACTOR),
-            num_cpus=res.cpus_per_actor,
-            num_gpus=res.gpus_per_actor or None,
-            runtime_env=env,
+        return {
+            "compute": ActorPoolStrategy(
+                min_size=1, max_size=max(1, size), max_tasks_in_flight_per_actor=MAX_IN_FLIGHT_PER_ACTOR
+            ),
+            "num_cpus": res.cpus_per_actor,
+            "num_gpus": res.gpus_per_actor or None,
+            "runtime_env": env,
             # Ray Data retries an actor task forever when its actor dies, so one case that kills
             # its worker would stall the run. Extra remote args are deprecated (Ray 2.64) with no
             # named replacement yet; tasks keep Ray's default of 3 retries.
-            max_task_retries=PROCESS_RETRIES,
-        )
+            "max_task_retries": PROCESS_RETRIES,
+        }
 
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map(read_case, fn_kwargs=preprocess, **task)
     engine = job.engine
+    common = {"engine": engine, "threads": threads}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        if job.resources.shape == "split" and engine.mode == "c2f":
-            ds = ds.map(CoarseStage, fn_constructor_kwargs=dict(coarse=job.coarse, engine=engine, threads=threads),
-                        **pool(res.coarse_actors))
-            ds = ds.map(FineStage, fn_constructor_kwargs=dict(fine=job.fine, engine=engine, threads=threads),
-                        **pool(res.fine_actors))
+        if pools(job) == 2:
+            ds = ds.map(CoarseStage, fn_constructor_kwargs={"coarse": job.coarse, **common}, **pool(res.coarse_actors))
+            ds = ds.map(FineStage, fn_constructor_kwargs={"fine": job.fine, **common}, **pool(res.fine_actors))
         else:
-            ds = ds.map(WholeCase, fn_constructor_kwargs=dict(coarse=job.coarse, fine=job.fine, engine=engine,
-                                                              threads=threads), **pool(res.coarse_actors))
+            ds = ds.map(WholeCase, fn_constructor_kwargs={"coarse": job.coarse, "fine": job.fine, **common},
+                        **pool(res.coarse_actors))
     return ds.map(finish_case, fn_kwargs={"post_ratio": engine.post_ratio}, **task)
 
 
@@ -469,7 +471,7 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
     run_id = job.run_id or runs.new_run_id()
     history = runs.History.load(job.output)
 
-    base = dict(run_id=run_id, coarse_model=ids["coarse"], fine_model=ids["fine"], config_id=cfg, fold=job.fold)
+    base = {"run_id": run_id, "coarse_model": ids["coarse"], "fine_model": ids["fine"], "config_id": cfg, "fold": job.fold}
     immediate: list[dict[str, Any]] = []
     todo: list[dict[str, Any]] = []
     for case in cases:
@@ -558,7 +560,7 @@ def _skipped(row: dict[str, Any], history: runs.History) -> dict[str, Any]:
     done = history.done[row["case_id"]]
     now = runs.utc_now()
     return dict(row, status=runs.STATUS_SKIPPED, label_uri=row["label_uri"] or None, mask_uri=done["mask_uri"],
-                attempt=done["attempt"], error=f"done in run {done['run_id']}", started_at=now, finished_at=now)
+                attempt=done["attempt"], done_in_run=done["run_id"], started_at=now, finished_at=now)
 
 
 def _from_stream(row: dict[str, Any]) -> dict[str, Any]:

@@ -44,6 +44,7 @@ ROW_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("error", pa.string()),
         ("attempt", pa.int32()),
+        ("done_in_run", pa.string()),  # skipped rows: the run whose row and mask are kept
         ("image_uri", pa.string()),
         ("label_uri", pa.string()),
         ("mask_uri", pa.string()),

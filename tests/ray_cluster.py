@@ -2,7 +2,8 @@
 
 The head and a second worker node are separate raylets with their own CPU and custom resources
 (`head_node`, `node_b`), temp dir and ports. Both test modules that need Ray import the
-`ray_cluster` fixture from here; the cluster starts once, on first use, and stops at the end of
+fixtures from here (`from ray_cluster import ray_cluster_fixture, ray_driver_fixture`: pytest
+finds them by their names `ray_cluster`, `ray_driver`); the cluster starts once, on first use, and stops at the end of
 the session. Stopping ends only the sessions this module started (infra/ray-local.sh stop) and
 checks that none of their processes is left.
 """
@@ -45,7 +46,7 @@ _cluster: Cluster | None = None
 def _start() -> Cluster:
     state = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))  # short: Ray's socket paths are limited
     env = {**os.environ, "RAY_LOCAL_CPUS": "1", "RAY_LOCAL_OBJECT_STORE_MB": "200", "RAY_LOCAL_MEMORY_MB": "3072"}
-    done = subprocess.run([str(SCRIPT), "start", str(state)], env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run([str(SCRIPT), "start", str(state)], env=env, capture_output=True, text=True, timeout=180, check=False)
     if done.returncode != 0:
         pytest.fail(f"infra/ray-local.sh start failed:\n{done.stdout}\n{done.stderr}")
     values = dict(line.removeprefix("export ").split("=", 1) for line in done.stdout.splitlines() if line.startswith("export "))
@@ -54,19 +55,19 @@ def _start() -> Cluster:
 
 def _stop(cluster: Cluster) -> None:
     sessions = cluster.sessions()
-    subprocess.run([str(SCRIPT), "stop", str(cluster.state)], capture_output=True, timeout=120)
+    subprocess.run([str(SCRIPT), "stop", str(cluster.state)], capture_output=True, timeout=120, check=True)
     deadline = time.monotonic() + 10
     left = sessions
     while left and time.monotonic() < deadline:
         time.sleep(0.2)
-        listing = subprocess.run(["ps", "-eo", "sid=,stat="], capture_output=True, text=True).stdout.split("\n")
+        listing = subprocess.run(["ps", "-eo", "sid=,stat="], capture_output=True, text=True, check=True).stdout.split("\n")
         alive = {int(sid) for sid, stat in (line.split() for line in listing if line.strip()) if not stat.startswith("Z")}
         left = [s for s in sessions if s in alive]
     assert not left, f"processes of the test cluster's sessions {left} are still running"
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(request: pytest.FixtureRequest) -> Cluster:
+@pytest.fixture(scope="session", name="ray_cluster")
+def ray_cluster_fixture(request: pytest.FixtureRequest) -> Cluster:
     """The session's local two-node cluster (started on first use)."""
     global _cluster
     if _cluster is None:
@@ -82,8 +83,8 @@ def ray_cluster(request: pytest.FixtureRequest) -> Cluster:
     return _cluster
 
 
-@pytest.fixture(scope="session")
-def ray_driver(ray_cluster: Cluster):
+@pytest.fixture(scope="session", name="ray_driver")
+def ray_driver_fixture(ray_cluster: Cluster):
     """This test process as a Ray driver connected to the session cluster."""
     import ray
     from ray._raylet import Config

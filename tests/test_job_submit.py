@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from ray_cluster import REPO, Cluster, ray_cluster  # noqa: F401  (session fixture)
+from ray_cluster import REPO, Cluster, ray_cluster_fixture  # noqa: F401  (session fixture)
 
 from resdsn_ray import runs, storage
 from resdsn_ray.bundle import save_bundle
@@ -34,7 +34,8 @@ EXCLUDES = [".venv", ".git", "demo-output", "*.whl", "__pycache__", ".pytest_cac
 
 
 def ray_job(cluster: Cluster, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(RAY), "job", *args], env=cluster.env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([str(RAY), "job", *args], env=cluster.env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 def submit(cluster: Cluster, job_args: list[str], *, wait: bool, submission_id: str) -> subprocess.CompletedProcess:
@@ -49,7 +50,7 @@ def submit(cluster: Cluster, job_args: list[str], *, wait: bool, submission_id: 
 
 def driver_pids(marker: str) -> list[int]:
     """PIDs of the job driver process(es) whose command line holds `marker`."""
-    listing = subprocess.run(["ps", "-wweo", "pid=,args="], capture_output=True, text=True).stdout
+    listing = subprocess.run(["ps", "-wweo", "pid=,args="], capture_output=True, text=True, check=True).stdout
     return [int(line.split(None, 1)[0]) for line in listing.splitlines()
             if "jobs/segment_archive.py" in line and marker in line and "ray job" not in line]
 
@@ -63,7 +64,7 @@ def mask_times(output: str, case_ids: set[str]) -> dict[str, object]:
 def test_cluster_has_two_raylets_with_distinct_resources(ray_cluster):
     for _ in range(30):  # the autoscaler's view lags a node's start by a few seconds
         status = subprocess.run([str(RAY), "status", "--address", ray_cluster.gcs], env=ray_cluster.env,
-                                capture_output=True, text=True, timeout=60).stdout
+                                capture_output=True, text=True, timeout=60, check=False).stdout
         active = status.split("Active:")[1].split("Pending:")[0] if "Active:" in status else ""
         if active.count("node_") == 2:
             break

@@ -20,15 +20,15 @@ import pyarrow.compute as pc
 import pydicom
 import pytest
 import torch
-from ray_cluster import ray_cluster, ray_driver  # noqa: F401  (session fixtures)
+from ray_cluster import ray_cluster_fixture, ray_driver_fixture  # noqa: F401  (session fixtures)
 
 from resdsn_ray import runs, storage
 from resdsn_ray.bundle import CONFIG_FILE, demo_bundle_uri, load_bundle, save_bundle
 from resdsn_ray.config import EngineConfig, ModelConfig, WindowConfig
 from resdsn_ray.engine import CoarseToFine
+from resdsn_ray.errors import InputError
 from resdsn_ray.io import nifti_bytes, read_volume
 from resdsn_ray.model import build_model
-from resdsn_ray.errors import InputError
 from resdsn_ray.pipeline import ArchiveJob, Resources, WholeCase, finish_case, fit_cpus, read_case, run_archive
 from resdsn_ray.synthetic import write_archive
 
@@ -167,7 +167,7 @@ def test_rerun_skips_done_cases_without_touching_their_masks(whole, archive, bun
     again = run_archive(job(archive, output, bundles))
     assert again.counts == {"skipped": CASES}
     earlier = set(runs.read_rows(output)["run_id"].to_pylist()) - {again.run_id}
-    assert all(r["error"].removeprefix("done in run ") in earlier for r in again.rows)
+    assert all(r["done_in_run"] in earlier and r["error"] is None for r in again.rows)
     fs.invalidate_cache()
     assert {r["case_id"]: fs.info(r["mask_uri"])["LastModified"] for r in whole.rows} == written
 
