@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from resdsn_ray.errors import InputError
+from resdsn_ray.training import add_train_flags
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +104,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from resdsn_ray.training import run_train
+
+    return run_train(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resdsn", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--label", help="reference mask: print metrics")
     add_engine_flags(segment)
     segment.set_defaults(run=cmd_segment)
+
+    train = commands.add_parser("train", help="train a coarse or fine ResDSN with Ray Train (DDP)")
+    train.set_defaults(run=cmd_train)
+    add_train_flags(train)
     return parser
 
 

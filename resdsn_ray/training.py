@@ -58,7 +58,7 @@ REFUSAL = "refused.json"  # written instead of training when too few cases are u
 BUNDLE_DIR = "bundle"
 STATE_FILE = "state.pt"
 # Settings that define the trained model; the others (cadences) may change on resume.
-RECIPE = ("stage", "iterations", "batch_size", "lr", "momentum", "lr_power", "weight_decay", "seed", "model", "preprocess")
+RECIPE = ("stage", "iterations", "batch_size", "optimizer", "lr", "momentum", "lr_power", "weight_decay", "seed", "model", "preprocess")
 
 
 def say(message: str) -> None:
@@ -78,6 +78,7 @@ class TrainConfig:
     preset: str = "paper"
     iterations: int = 80_000
     batch_size: int = 16
+    optimizer: str = "sgd"  # paper: SGD; the demo preset uses Adam (see preset_config)
     lr: float = 0.01
     momentum: float = 0.9
     lr_power: float = 0.9
@@ -99,8 +100,11 @@ def preset_config(preset: str, stage: str, **overrides: Any) -> TrainConfig:
     """The `paper` or `demo` recipe of a stage, with `overrides` (None values ignored).
 
     paper: P = 64, width 32, 80,000 iterations (NIH; 300,000 for JHMI), as Sec. 4.2.
-    demo: P = 32, width 8, a few hundred iterations: minutes on a 2-core CPU, for the shipped
-    demo bundles and synthetic phantoms (96x96x64 voxels).
+    demo: P = 32, width 8, 800 iterations of batch 8: minutes on a 2-core CPU, for the shipped
+    demo bundles and synthetic phantoms (96x96x64 voxels). It uses Adam (lr 3e-3, same poly
+    decay): with the paper's SGD at lr 0.01, 600-1500 iterations left both stages predicting
+    background only (held-out DSC 0.0), while Adam reached DSC ~0.9 in 400 iterations. SGD needs
+    the paper's tens of thousands of iterations, which a CPU demo cannot afford.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, not {preset!r}")
@@ -112,7 +116,10 @@ def preset_config(preset: str, stage: str, **overrides: Any) -> TrainConfig:
         base = TrainConfig(
             stage=stage,
             preset=preset,
-            iterations=600,
+            iterations=800,
+            batch_size=8,
+            optimizer="adam",
+            lr=3e-3,
             model=ModelConfig(width=8, patch=32),
             checkpoint_every=100,
             validate_every=300,
@@ -132,6 +139,8 @@ def preset_config(preset: str, stage: str, **overrides: Any) -> TrainConfig:
 def check_config(config: TrainConfig) -> None:
     if config.stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, not {config.stage!r}")
+    if config.optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer must be sgd or adam, not {config.optimizer!r}")
     if config.model.patch < 8 or config.model.patch % 8:
         raise ValueError(f"patch must be a positive multiple of 8, not {config.model.patch}")
     for name in ("iterations", "batch_size", "checkpoint_every", "keep_checkpoints", "validate_every", "log_every"):
@@ -271,8 +280,11 @@ class PatchSampler:
 # --------------------------------------------------------------------------- optimisation
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    """SGD as the paper: momentum 0.9, weight decay 5e-4 (Eq. 3's L2 term), lr set per step."""
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD as the paper (momentum 0.9, weight decay 5e-4 = Eq. 3's L2 term), or Adam for the
+    CPU demo preset; the lr is set per step by the poly schedule."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
@@ -818,6 +830,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); default CPU (gloo)")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (fractions allowed)")
     parser.add_argument("--batch-size", type=int, help="global mini-batch, split over workers (paper: 16)")
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], help="paper: sgd; demo preset: adam")
     parser.add_argument("--lr", type=float, help="base learning rate (paper: 0.01)")
     parser.add_argument("--model", dest="name", help="network: resdsn, fresdsn, sresdsn, dsn, res")
     parser.add_argument("--width", type=int, help="channels of the first layer (paper: 32)")
@@ -839,6 +852,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         args.stage,
         iterations=iterations,
         batch_size=args.batch_size,
+        optimizer=args.optimizer,
         lr=args.lr,
         seed=args.seed,
         name=args.name,
