@@ -36,7 +36,7 @@ from resdsn_ray.engine import CoarseToFine
 from resdsn_ray.io import read_volume, write_mask
 from resdsn_ray.metrics import case_metrics
 from resdsn_ray.model import build_model
-from resdsn_ray.pipeline import ArchiveJob, Resources, fit_cpus, node_cpus, run_archive
+from resdsn_ray.pipeline import ArchiveJob, Resources, run_archive
 from resdsn_ray.synthetic import write_archive
 
 
@@ -124,11 +124,7 @@ def pipeline(archive: str, out: str, coarse: str, fine: str, engine: EngineConfi
     try:
         time.sleep(2)
         idle = sum(pss_bytes(p) for p in descendants(os.getpid()))
-        pools = 2 if shape == "split" else 1
-        cpus = node_cpus()
-        actor_cpus, task_cpus = fit_cpus(pools, cpus, min(1.0, (sum(cpus) - 0.5) / (pools * actors)), 0.5)
-        resources = Resources(shape=shape, coarse_actors=actors, fine_actors=actors, cpus_per_actor=actor_cpus,
-                              task_cpus=task_cpus, threads_per_actor=1)
+        resources = Resources(shape=shape, coarse_actors=actors, fine_actors=actors, threads_per_actor=1)
         job = ArchiveJob(input=archive, output=out, coarse=coarse, fine=fine, engine=engine, resources=resources)
         with PeakMemory() as memory:
             start = time.perf_counter()

@@ -67,6 +67,7 @@ from resdsn_ray.windows import Box, bounding_box, decrop
 SHAPES = ("split", "whole")
 DEFAULT_SHAPE = "whole"
 MAX_IN_FLIGHT_PER_ACTOR = 2
+MAX_AUTO_CPU_ACTORS = 8  # without GPUs, default pools get one single-threaded actor per CPU, up to this
 # A case whose actor process dies (killed for memory, a crash in native code) is retried this
 # many times, then dropped from the stream and reported as an error row: never retried forever.
 PROCESS_RETRIES = 2
@@ -80,8 +81,8 @@ class Resources:
     """How the job uses the cluster."""
 
     shape: str = DEFAULT_SHAPE
-    coarse_actors: int = 1  # the `whole` pool uses this size
-    fine_actors: int = 1
+    coarse_actors: int | None = None  # actors of the coarse pool (the `whole` pool); None: `auto_actors`
+    fine_actors: int | None = None
     gpus_per_actor: float = 0.0
     cpus_per_actor: float | None = None  # None: fitted to the cluster's nodes (`fit_cpus`)
     task_cpus: float | None = None  # each read/preprocess and finish/write task; None: fitted
@@ -351,11 +352,10 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
     task = {"num_cpus": res.task_cpus, "compute": TaskPoolStrategy(size=max(1, res.read_tasks)), "runtime_env": env}
     threads = res.threads_per_actor or max(1, round(res.cpus_per_actor or 1))
 
-    def pool(size: int) -> dict[str, Any]:
+    def pool(size: int | None) -> dict[str, Any]:
+        # Fixed size: the same processes whatever the archive, so memory does not depend on it.
         return {
-            "compute": ActorPoolStrategy(
-                min_size=1, max_size=max(1, size), max_tasks_in_flight_per_actor=MAX_IN_FLIGHT_PER_ACTOR
-            ),
+            "compute": ActorPoolStrategy(size=size or 1, max_tasks_in_flight_per_actor=MAX_IN_FLIGHT_PER_ACTOR),
             "num_cpus": res.cpus_per_actor,
             "num_gpus": res.gpus_per_actor or None,
             "runtime_env": env,
@@ -425,28 +425,36 @@ def pools(job: ArchiveJob) -> int:
     return 2 if job.resources.shape == "split" and job.engine.mode == "c2f" else 1
 
 
-def fit_cpus(n_pools: int, node_cpus: list[float], actor: float | None = None, task: float | None = None) -> tuple[float, float]:
+def auto_actors(resources: Resources, n_pools: int, cluster: dict[str, float]) -> int:
+    """Actors per pool when not given: the cluster's GPUs shared out, else one per CPU (capped)."""
+    if resources.gpus_per_actor > 0:
+        return max(1, int(cluster.get("GPU", 0.0) / resources.gpus_per_actor / n_pools))
+    return max(1, min(MAX_AUTO_CPU_ACTORS, int(cluster.get("CPU", 1.0) // n_pools)))
+
+
+def fit_cpus(actors: int, node_cpus: list[float], actor: float | None = None, task: float | None = None) -> tuple[float, float]:
     """CPUs to reserve per actor and per task so that the job cannot stall on this cluster.
 
-    Ray Data starts one actor per pool up front. If those reservations leave no node with room
-    for a read or finish task, nothing ever moves and no error is raised (measured: two 0.5-CPU
-    actors on two 1-CPU nodes starved 1-CPU read tasks forever). Defaults are 1 CPU each,
-    lowered where nodes are small (fractions are fine: reservations are bookkeeping) so that
-    any node hosting an actor keeps room for a task. Given values must at least fit: pools x
-    actor + task on the cluster, actor + task on one node. A cluster without CPU nodes yet
-    (autoscaling from zero) is not checked.
+    Ray Data starts every actor of a fixed pool up front. If those reservations leave no node
+    with room for a read or finish task, nothing ever moves and no error is raised (measured:
+    two 0.5-CPU actors on two 1-CPU nodes starved 1-CPU read tasks forever). Defaults are 1
+    CPU each, lowered where nodes are small or actors many (fractions are fine: reservations
+    are bookkeeping) so that all `actors` and one task fit, and any node hosting an actor keeps
+    room for a task. Given values must at least fit: actors x actor + task on the cluster,
+    actor + task on one node. A cluster without CPU nodes yet (autoscaling from zero) is not
+    checked.
     """
     total, smallest = sum(node_cpus), min(node_cpus)
     if total <= 0:  # no worker node yet: an autoscaling cluster will bring them
         return actor if actor is not None else 1.0, task if task is not None else 1.0
     task = task if task is not None else min(1.0, smallest / 2)
     if actor is None:
-        actor = min(1.0, smallest - task, (total - task) / n_pools)
-    if actor <= 0 or n_pools * actor + task > total + 1e-9 or actor + task > max(node_cpus) + 1e-9:
+        actor = min(1.0, smallest - task, (total - task) / actors)
+    if actor <= 0 or actors * actor + task > total + 1e-9 or actor + task > max(node_cpus) + 1e-9:
         raise InputError(
             "--cpus-per-actor",
-            f"{n_pools} actor pool(s) x {actor:g} CPU plus a {task:g}-CPU task do not fit on nodes with "
-            f"{node_cpus} CPUs; the job would stall. Lower --cpus-per-actor / --task-cpus (fractions are fine).",
+            f"{actors} actor(s) x {actor:g} CPU plus a {task:g}-CPU task do not fit on nodes with "
+            f"{node_cpus} CPUs; the job would stall. Lower --cpus-per-actor / --task-cpus or the actor counts.",
         )
     return actor, task
 
@@ -513,8 +521,7 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
     progress = _Progress(len(todo), job.progress_s, say)
     if todo:
         connect(job.address)
-        actor_cpus, task_cpus = fit_cpus(pools(job), node_cpus(), job.resources.cpus_per_actor, job.resources.task_cpus)
-        job = replace(job, resources=replace(job.resources, cpus_per_actor=actor_cpus, task_cpus=task_cpus))
+        job = replace(job, resources=_resolve(job))
         record["resources"] = to_dict(job.resources)
         preprocess = {"coarse": coarse.preprocess if coarse else None, "fine": fine.preprocess if fine else None}
         seen: set[str] = set()
@@ -537,6 +544,15 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
                   parts=writer.parts, cases_per_min=progress.rate())
     runs.write_run_record(job.output, run_id, record)
     return RunResult(run_id=run_id, rows=writer.rows, counts=counts, seconds=ended - started, record=record)
+
+
+def _resolve(job: ArchiveJob) -> Resources:
+    """The job's resources with every automatic value fixed for the connected cluster."""
+    res, n_pools = job.resources, pools(job)
+    auto = auto_actors(res, n_pools, ray.cluster_resources())
+    coarse, fine = res.coarse_actors or auto, (res.fine_actors or auto) if n_pools == 2 else 0
+    actor_cpus, task_cpus = fit_cpus(coarse + fine, node_cpus(), res.cpus_per_actor, res.task_cpus)
+    return replace(res, coarse_actors=coarse, fine_actors=fine or None, cpus_per_actor=actor_cpus, task_cpus=task_cpus)
 
 
 def _iso(epoch: float) -> str:
@@ -654,6 +670,9 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 
 DEMO_DIR = "demo-output"
 DEMO_CASES = 6
+# The demo must finish in minutes on a 2-core laptop: fewer overlapping windows than the paper's
+# n = 6 / 12 (EngineConfig defaults), unless --n-coarse / --n-fine are given.
+DEMO_N_COARSE, DEMO_N_FINE = 2, 4
 
 
 def add_archive_flags(parser: argparse.ArgumentParser) -> None:
@@ -663,8 +682,9 @@ def add_archive_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="recompute cases already done under --output")
     parser.add_argument("--shape", choices=SHAPES, default=DEFAULT_SHAPE,
                         help="split: coarse and fine actor pools; whole: one pool runs both stages of a case")
-    parser.add_argument("--coarse-actors", type=int, default=1, help="coarse pool size (the whole pool with --shape whole)")
-    parser.add_argument("--fine-actors", type=int, default=1, help="fine pool size (--shape split)")
+    parser.add_argument("--coarse-actors", type=int, help="coarse pool size (the whole pool with --shape whole); "
+                        "default: GPUs / --gpus-per-actor per pool, or without GPUs one per CPU (up to 8)")
+    parser.add_argument("--fine-actors", type=int, help="fine pool size (--shape split); default as --coarse-actors")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor; fractions share a GPU")
     parser.add_argument("--cpus-per-actor", type=float, default=None,
                         help="CPUs reserved per actor (default: 1, less where the nodes have few CPUs)")
@@ -689,15 +709,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="segment_archive", description=__doc__.split("\n\n")[0])
     add_engine_flags(parser)
     add_archive_flags(parser)
+    defaults = {"n_coarse": parser.get_default("n_coarse"), "n_fine": parser.get_default("n_fine")}
+    parser.set_defaults(n_coarse=None, n_fine=None)  # None: not given, so the demo may lighten them
     args = parser.parse_args(argv)
+    demo = args.input is None
+    if args.n_coarse is None:
+        args.n_coarse = DEMO_N_COARSE if demo else defaults["n_coarse"]
+    if args.n_fine is None:
+        args.n_fine = DEMO_N_FINE if demo else defaults["n_fine"]
     logging.basicConfig(level=logging.WARNING)
     try:
         engine = engine_config(args)
         coarse = bundle_uri(args.coarse, "coarse") if engine.mode != "fine" else None
         fine = bundle_uri(args.fine, "fine") if engine.mode != "coarse" else None
         source, output = args.input, args.output
-        if source is None:
+        if demo:
             source, output = _demo_archive(args), output or storage.join(args.demo_dir, "run")
+            print(f"demo: windows n = {args.n_coarse} (coarse) / {args.n_fine} (fine); the paper's are 6 / 12", flush=True)
         if output is None:
             raise InputError("--output", "required with --input")
         resources = Resources(

@@ -29,7 +29,18 @@ from resdsn_ray.engine import CoarseToFine
 from resdsn_ray.errors import InputError
 from resdsn_ray.io import nifti_bytes, read_volume
 from resdsn_ray.model import build_model
-from resdsn_ray.pipeline import ArchiveJob, Resources, WholeCase, finish_case, fit_cpus, read_case, run_archive
+from resdsn_ray.pipeline import (
+    DEMO_N_COARSE,
+    DEMO_N_FINE,
+    ArchiveJob,
+    Resources,
+    WholeCase,
+    auto_actors,
+    finish_case,
+    fit_cpus,
+    read_case,
+    run_archive,
+)
 from resdsn_ray.synthetic import write_archive
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
@@ -38,10 +49,10 @@ DEMO = (Path(demo_bundle_uri("coarse")) / CONFIG_FILE).exists() and (Path(demo_b
 CASES = 4
 # Demo bundles are judged on the demo's own cases and settings; random bundles run small and fast.
 SHAPE = (96, 96, 64) if DEMO else (40, 40, 24)
-ENGINE = EngineConfig(device="cpu") if DEMO else EngineConfig(
-    coarse=WindowConfig(n=1, batch_size=8), fine=WindowConfig(n=1, batch_size=8), device="cpu"
-)
-RESOURCES = Resources(cpus_per_actor=0.5, task_cpus=0.5)  # the session cluster has 2 nodes x 1 CPU
+# Demo bundles run with the demo job's window settings; random ones with the fewest windows.
+N_COARSE, N_FINE = (DEMO_N_COARSE, DEMO_N_FINE) if DEMO else (1, 1)
+ENGINE = EngineConfig(coarse=WindowConfig(n=N_COARSE, batch_size=8), fine=WindowConfig(n=N_FINE, batch_size=8), device="cpu")
+RESOURCES = Resources()  # actors and CPU reservations fitted to the session cluster (2 nodes x 1 CPU)
 
 
 @pytest.fixture(scope="module")
@@ -237,21 +248,31 @@ def test_single_stage_modes_run_through_the_stage_functions(ray_driver, archive,
 
 
 @pytest.mark.parametrize(
-    "pools, nodes, given, expected",
+    "actors, nodes, given, expected",
     [
         (2, [1.0, 1.0], (None, None), (0.5, 0.5)),  # the session cluster: two 1-CPU raylets
         (1, [2.0], (None, None), (1.0, 1.0)),
         (2, [2.0], (None, None), (0.5, 1.0)),
-        (2, [8.0, 8.0], (None, None), (1.0, 1.0)),
+        (4, [8.0, 8.0], (None, None), (1.0, 1.0)),
         (1, [0.0], (None, None), (1.0, 1.0)),  # autoscaling from zero workers: not checked
         (2, [4.0], (1.5, 1.0), (1.5, 1.0)),
     ],
 )
-def test_cpu_reservations_always_leave_room_for_a_task(pools, nodes, given, expected):
-    actor, task = fit_cpus(pools, nodes, *given)
+def test_cpu_reservations_always_leave_room_for_a_task(actors, nodes, given, expected):
+    actor, task = fit_cpus(actors, nodes, *given)
     assert (actor, task) == expected
     if sum(nodes):
-        assert pools * actor + task <= sum(nodes) and actor + task <= min(nodes)
+        assert actors * actor + task <= sum(nodes) and actor + task <= min(nodes)
+
+
+@pytest.mark.parametrize(
+    "shape_gpus, cluster, expected",
+    [((0.0, 1), {"CPU": 2.0}, 2), ((0.0, 2), {"CPU": 2.0}, 1), ((0.0, 1), {"CPU": 64.0}, 8),
+     ((1.0, 2), {"CPU": 32.0, "GPU": 4.0}, 2), ((0.5, 1), {"CPU": 8.0, "GPU": 1.0}, 2)],
+)
+def test_default_pool_sizes_share_out_the_cluster(shape_gpus, cluster, expected):
+    gpus, pools = shape_gpus
+    assert auto_actors(Resources(gpus_per_actor=gpus), pools, cluster) == expected
 
 
 def test_cpu_reservations_that_would_stall_are_refused():

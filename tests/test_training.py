@@ -258,7 +258,7 @@ def test_two_worker_ddp_run_killed_and_resumed(ray_cluster, tmp_path: Path):
     assert [h["iteration"] for h in result.history] == list(range(5, 41, 5))
     assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
     for h in result.history:  # the lr of the history's last step in each window
-        assert h["lr"] == pytest.approx(poly_lr(0.01, h["iteration"] - 1, 40))
+        assert h["lr"] == pytest.approx(poly_lr(config.lr, h["iteration"] - 1, 40))
     assert result.val_dsc is not None and 0.0 <= result.val_dsc <= 1.0
     assert _checkpoints(output) == ["checkpoint_0000030", "checkpoint_0000040"]  # keep 2
     bundle = load_bundle(result.bundle_uri)
