@@ -204,6 +204,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["demo", "paper"], default="demo")
     parser.add_argument("--stage", choices=["coarse", "fine"], default="coarse")
+    parser.add_argument("--batch-size", type=int, default=16, help="global mini-batch (paper: 16)")
     parser.add_argument("--iterations", type=int, default=2, help="iterations per timed block")
     parser.add_argument("--blocks", type=int, default=6, help="bare/loop block pairs")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -214,10 +215,10 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    config = preset_config(args.preset, args.stage)
+    config = preset_config(args.preset, args.stage, batch_size=args.batch_size)
     with tempfile.TemporaryDirectory() as folder:
         cases = write_archive(os.path.join(folder, "data"), cases=args.cases, seed=0, shape=tuple(args.shape))
-        print(f"model {config.model.name} width {config.model.width}, P={config.model.patch}, global batch {config.batch_size}, "
+        print(f"model {config.model.name} width {config.model.width}, P={config.model.patch}, global batch {config.batch_size}, {config.optimizer}, "
               f"{args.cases} synthetic cases {tuple(args.shape)}, {args.iterations}x{args.blocks} timed iterations per phase", flush=True)
         if args.torch_only:
             rows = [run_torch_only(args, config, cases)]

@@ -55,6 +55,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide outputs from other users
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

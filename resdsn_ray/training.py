@@ -44,7 +44,14 @@ import torch
 from resdsn_ray import storage
 from resdsn_ray.archive import Case, list_cases
 from resdsn_ray.bundle import Bundle, save_bundle
-from resdsn_ray.config import EngineConfig, ModelConfig, PreprocessConfig, WindowConfig, from_dict, to_dict
+from resdsn_ray.config import (
+    EngineConfig,
+    ModelConfig,
+    PreprocessConfig,
+    WindowConfig,
+    from_dict,
+    to_dict,
+)
 from resdsn_ray.errors import InputError
 from resdsn_ray.model import build_model, deep_supervision_loss
 from resdsn_ray.preprocess import preprocess
@@ -616,7 +623,7 @@ def split_validation(cases: list[Case], count: int, seed: int) -> tuple[list[Cas
     if count >= len(cases):
         raise InputError("--val-cases", f"cannot hold out {count} of {len(cases)} cases for validation")
     order = np.random.default_rng(seed).permutation(len(cases))
-    held = set(int(i) for i in order[:count])
+    held = {int(i) for i in order[:count]}
     return [c for i, c in enumerate(cases) if i not in held], [c for i, c in enumerate(cases) if i in held]
 
 
@@ -674,7 +681,7 @@ def _code_version() -> str:
         package = "unknown"
     try:
         commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=os.path.dirname(__file__),
-                                capture_output=True, text=True, timeout=5).stdout.strip()
+                                capture_output=True, text=True, timeout=5, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"{package}+{commit}" if commit else package
@@ -702,7 +709,13 @@ def train(
     OUTPUT) and ray.train.TrainingFailedError when workers fail more than `max_failures` times.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     check_config(config)

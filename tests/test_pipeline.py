@@ -46,13 +46,14 @@ from resdsn_ray.synthetic import write_archive
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
 DEMO = (Path(demo_bundle_uri("coarse")) / CONFIG_FILE).exists() and (Path(demo_bundle_uri("fine")) / CONFIG_FILE).exists()
-CASES = 4
+CASES = 3
 # Demo bundles are judged on the demo's own cases and settings; random bundles run small and fast.
 SHAPE = (96, 96, 64) if DEMO else (40, 40, 24)
 # Demo bundles run with the demo job's window settings; random ones with the fewest windows.
 N_COARSE, N_FINE = (DEMO_N_COARSE, DEMO_N_FINE) if DEMO else (1, 1)
 ENGINE = EngineConfig(coarse=WindowConfig(n=N_COARSE, batch_size=8), fine=WindowConfig(n=N_FINE, batch_size=8), device="cpu")
 RESOURCES = Resources()  # actors and CPU reservations fitted to the session cluster (2 nodes x 1 CPU)
+torch.set_num_threads(1)  # the engine runs in this process too; 2 threads on 2 shared cores crawl
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +196,7 @@ def _dicom_series(target: str, ct5n: Path, split_series: bool) -> None:
 
 def test_bad_inputs_each_give_one_error_row_and_good_cases_complete(ray_driver, bucket, archive, bundles, ct5n_dir):
     flat = f"{bucket}/mixed"
-    for i in range(2):
-        storage.write_bytes(f"{flat}/good_{i}.nii.gz", storage.read_bytes(f"{archive}/imagesTr/case_{i:04d}.nii.gz"))
+    storage.write_bytes(f"{flat}/good_0.nii.gz", storage.read_bytes(f"{archive}/imagesTr/case_0000.nii.gz"))
     _dicom_series(f"{flat}/dicom_good", ct5n_dir, split_series=False)
     whole_file = storage.read_bytes(f"{archive}/imagesTr/case_0002.nii.gz")
     affine = np.diag([1.0, 1.0, 2.5, 1.0])
@@ -217,7 +217,7 @@ def test_bad_inputs_each_give_one_error_row_and_good_cases_complete(ray_driver, 
     output = f"{bucket}/out-mixed"
     result = run_archive(job(flat, output, bundles))
     rows = {r["case_id"]: r for r in result.rows}
-    assert len(result.rows) == len(rows) == 3 + len(bad) + 1
+    assert len(result.rows) == len(rows) == 2 + len(bad) + 1
     expected = {
         "truncated": "truncated", "empty": "empty file", "four_d": "4-D", "nans": "NaN",
         "bad\x07id": "control", "up..level": "'..'", "two_series": "2 DICOM series",
@@ -226,11 +226,11 @@ def test_bad_inputs_each_give_one_error_row_and_good_cases_complete(ray_driver, 
         row = rows[case_id]
         assert row["status"] == "error" and fragment in row["error"], row
         assert row["mask_uri"] is None
-    for case_id in ("good_0", "good_1", "dicom_good"):
+    for case_id in ("good_0", "dicom_good"):
         assert rows[case_id]["status"] in ("ok", "no_organ"), rows[case_id]["error"]
         assert load_mask(rows[case_id]["mask_uri"]).shape == read_volume(rows[case_id]["image_uri"]).shape
     masks = sorted(k.rsplit("/", 1)[1] for k in keys(f"{output}/masks"))
-    assert masks == ["dicom_good.nii.gz", "good_0.nii.gz", "good_1.nii.gz"]
+    assert masks == ["dicom_good.nii.gz", "good_0.nii.gz"]
 
 
 def test_single_stage_modes_run_through_the_stage_functions(ray_driver, archive, bundles, bucket):

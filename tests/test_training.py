@@ -58,7 +58,7 @@ def test_fine_patches_always_cover_organ_voxels():
     assert images.shape == (400, 1, 16, 16, 16) and labels.shape == (400, 16, 16, 16)
     assert (labels.reshape(400, -1).sum(axis=1) > 0).all()
     # ... and every organ voxel of the case can be reached (none is cut off by the crop).
-    image, label, _ = make_case(3, SHAPE)
+    _, label, _ = make_case(3, SHAPE)
     assert int(case.label.sum()) == int(label.sum()) == len(case.organ)
 
 
@@ -159,8 +159,9 @@ def test_poly_learning_rate_and_paper_preset():
     add_train_flags(parser)
     jhmi = config_from_args(parser.parse_args(["--stage", "fine", "--output", "x", "--jhmi"]))
     assert jhmi.iterations == JHMI_ITERATIONS == 300_000 and jhmi.stage == "fine"
-    group = make_optimizer(build_model("resdsn", width=2), paper).param_groups[0]
-    assert (group["momentum"], group["weight_decay"]) == (0.9, 5e-4)
+    optimizer = make_optimizer(build_model("resdsn", width=2), paper)
+    assert paper.optimizer == "sgd" and isinstance(optimizer, torch.optim.SGD)
+    assert (optimizer.param_groups[0]["momentum"], optimizer.param_groups[0]["weight_decay"]) == (0.9, 5e-4)
 
 
 def test_train_step_minimises_eq3_with_sgd_weight_decay():
@@ -199,7 +200,7 @@ def _archive(root: str, cases: int = 6, seed: int = 0) -> str:
 def test_unreadable_and_empty_cases_are_reported_by_id(tmp_path: Path):
     data = _archive(str(tmp_path / "data"), cases=3)
     (tmp_path / "data" / "imagesTr" / "case_0001.nii.gz").write_bytes(b"not a nifti file")
-    image, label, affine = make_case(5, SHAPE)
+    _, label, affine = make_case(5, SHAPE)
     write_nifti(str(tmp_path / "data" / "labelsTr" / "case_0002.nii.gz"), np.zeros_like(label), affine)
     cases, rejected = training_cases(data, None)
     assert [c.case_id for c in cases] == ["case_0000", "case_0001", "case_0002"] and not rejected
@@ -226,8 +227,8 @@ def ray_cluster():
 
 
 def _tiny(stage: str = "coarse", **kw) -> object:
-    settings = dict(iterations=40, patch=16, width=4, batch_size=4, checkpoint_every=10, keep_checkpoints=2,
-                    validate_every=40, val_n=1, log_every=5)
+    settings = {"iterations": 40, "patch": 16, "width": 4, "batch_size": 4, "checkpoint_every": 10,
+                "keep_checkpoints": 2, "validate_every": 40, "val_n": 1, "log_every": 5}
     settings.update(kw)
     return preset_config("demo", stage, **settings)
 
