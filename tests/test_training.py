@@ -216,11 +216,17 @@ def test_unreadable_and_empty_cases_are_reported_by_id(tmp_path: Path):
 # -------------------------------------------------------------------------- Ray Train runs
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray cluster (2 CPUs) for every Ray test of the session."""
+    """One local single-node Ray cluster (2 CPUs) for the Ray Train runs of this module.
+
+    Ray Train's DDP runs want one node with 2 CPUs, not the archive tests' two 1-CPU nodes, so
+    a driver those modules left connected is disconnected first (their session cluster keeps
+    running and is stopped by its own fixture; they run earlier in file order)."""
     import ray
 
+    if ray.is_initialized():
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield
     ray.shutdown()
