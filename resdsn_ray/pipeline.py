@@ -52,6 +52,7 @@ import numpy as np
 import ray
 import torch
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+from ray.exceptions import GetTimeoutError
 
 import resdsn_ray
 from resdsn_ray import runs, storage
@@ -525,11 +526,23 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
         record["resources"] = to_dict(job.resources)
         preprocess = {"coarse": coarse.preprocess if coarse else None, "fine": fine.preprocess if fine else None}
         seen: set[str] = set()
-        for row in build_dataset(todo, job, preprocess).iter_rows():
-            row = _from_stream(row)
-            seen.add(row["case_id"])
-            writer.add(row)
-            progress.update(row)
+        try:
+            for row in build_dataset(todo, job, preprocess).iter_rows():
+                row = _from_stream(row)
+                seen.add(row["case_id"])
+                writer.add(row)
+                progress.update(row)
+        except GetTimeoutError as err:
+            res = job.resources
+            failure = InputError(
+                "--actor-timeout",
+                f"the actor pools did not start within {res.actor_start_timeout_s:g} s; the cluster has "
+                f"{ray.cluster_resources()} and each actor asks {res.cpus_per_actor:g} CPU, {res.gpus_per_actor:g} GPU",
+            )
+            writer.flush()
+            record.update(status="failed", error=str(failure), ended_at=_iso(time.time()))
+            runs.write_run_record(job.output, run_id, record)
+            raise failure from err
         for row in todo:
             if row["case_id"] not in seen:
                 lost = _lost(row)
