@@ -11,7 +11,9 @@ checks that none of their processes is left.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,7 +47,7 @@ _cluster: Cluster | None = None
 
 def _start() -> Cluster:
     state = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))  # short: Ray's socket paths are limited
-    env = {**os.environ, "RAY_LOCAL_CPUS": "1", "RAY_LOCAL_OBJECT_STORE_MB": "200", "RAY_LOCAL_MEMORY_MB": "3072"}
+    env = {**os.environ, "PYTHON": sys.executable, "RAY_LOCAL_CPUS": "1", "RAY_LOCAL_OBJECT_STORE_MB": "200", "RAY_LOCAL_MEMORY_MB": "3072"}
     done = subprocess.run([str(SCRIPT), "start", str(state)], env=env, capture_output=True, text=True, timeout=180, check=False)
     if done.returncode != 0:
         pytest.fail(f"infra/ray-local.sh start failed:\n{done.stdout}\n{done.stderr}")
@@ -64,6 +66,7 @@ def _stop(cluster: Cluster) -> None:
         alive = {int(sid) for sid, stat in (line.split() for line in listing if line.strip()) if not stat.startswith("Z")}
         left = [s for s in sessions if s in alive]
     assert not left, f"processes of the test cluster's sessions {left} are still running"
+    shutil.rmtree(cluster.state, ignore_errors=True)  # Ray's session logs; kept when a check failed
 
 
 @pytest.fixture(scope="session", name="ray_cluster")

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +29,7 @@ from resdsn_ray.synthetic import write_archive
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
-RAY = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "ray"
+RAY = Path(sys.executable).parent / "ray"  # the CLI of the environment running the tests
 CASES = 8
 EXCLUDES = [".venv", ".git", "demo-output", "*.whl", "__pycache__", ".pytest_cache"]
 
