@@ -488,7 +488,8 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
     run_id = job.run_id or runs.new_run_id()
     history = runs.History.load(job.output)
 
-    base = {"run_id": run_id, "coarse_model": ids["coarse"], "fine_model": ids["fine"], "config_id": cfg, "fold": job.fold}
+    base = {"run_id": run_id, "coarse_model": ids["coarse"], "fine_model": ids["fine"], "config_id": cfg, "mode": mode,
+            "fold": job.fold}
     immediate: list[dict[str, Any]] = []
     todo: list[dict[str, Any]] = []
     for case in cases:

@@ -62,6 +62,7 @@ ROW_SCHEMA = pa.schema(
         ("config_id", pa.string()),
         ("node", pa.string()),
         ("node_id", pa.string()),
+        ("mode", pa.string()),  # c2f | coarse | fine (engine mode of the run)
         ("fold", pa.int32()),
         ("started_at", _TIME),
         ("finished_at", _TIME),
