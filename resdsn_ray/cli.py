@@ -110,6 +110,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run_train(args)
 
 
+def cmd_metrics_summary(args: argparse.Namespace) -> int:
+    from resdsn_ray.query import summary
+
+    print(summary(args.output, run=args.run_id, by=args.by).text(), end="")
+    return 0
+
+
+def cmd_metrics_query(args: argparse.Namespace) -> int:
+    from resdsn_ray.query import query
+
+    text = query(args.output, args.sql, fmt=args.format, out=args.out)
+    print(text if text is not None else f"wrote {args.out}\n", end="")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from resdsn_ray.report import build_report
+
+    print(f"wrote {build_report(args.output, html_uri=args.html, run=args.run_id)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resdsn", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +153,26 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a coarse or fine ResDSN with Ray Train (DDP)")
     train.set_defaults(run=cmd_train)
     add_train_flags(train)
+
+    metrics = commands.add_parser("metrics", help="summaries and SQL over an output's metrics rows")
+    metrics_commands = metrics.add_subparsers(dest="metrics_command", required=True)
+    summary = metrics_commands.add_parser("summary", help="per-method DSC, HD95, NSD and time per case (paper Tables 2, 5)")
+    summary.add_argument("output", metavar="OUTPUT_URI")
+    summary.add_argument("--run", dest="run_id", help="only runs whose id is or starts with this (a CV id: all its folds)")
+    summary.add_argument("--by", choices=["mode", "fold"], default="mode", help="one line per mode, or per fold and mode")
+    summary.set_defaults(run=cmd_metrics_summary)
+    sql = metrics_commands.add_parser("query", help="DuckDB SQL over the rows: tables `metrics` (every attempt), `latest`")
+    sql.add_argument("output", metavar="OUTPUT_URI")
+    sql.add_argument("sql", metavar="SQL")
+    sql.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    sql.add_argument("--out", help="write the result to this file or URI instead of stdout (parquet needs it)")
+    sql.set_defaults(run=cmd_metrics_query)
+
+    report = commands.add_parser("report", help="static HTML report: summaries, DSC plots, QA overlays, cases, errors")
+    report.add_argument("output", metavar="OUTPUT_URI")
+    report.add_argument("--html", help="report file (default: OUTPUT_URI/report/index.html); its images go beside it")
+    report.add_argument("--run", dest="run_id", help="only runs whose id is or starts with this")
+    report.set_defaults(run=cmd_report)
     return parser
 
 
