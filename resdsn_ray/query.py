@@ -22,6 +22,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from resdsn_ray import runs, storage
@@ -146,10 +147,9 @@ def load(output_uri: str, run: str | None = None) -> pa.Table:
         raise InputError(output_uri, f"no metrics rows under {runs.metrics_uri(output_uri)}")
     if run is None:
         return rows
-    ids = rows["run_id"].to_pylist()
-    keep = pa.array([i is not None and i.startswith(run) for i in ids])
-    if not any(keep.to_pylist()):
-        known = ", ".join(sorted({i for i in ids if i}))
+    keep = pc.fill_null(pc.starts_with(rows["run_id"], pattern=run), False)
+    if not pc.any(keep).as_py():
+        known = ", ".join(sorted(set(rows["run_id"].drop_null().to_pylist())))
         raise InputError(output_uri, f"no run {run!r} (nor one starting with it); runs here: {known}")
     return rows.filter(keep)
 
@@ -246,15 +246,20 @@ def _json_default(value: Any) -> str:
     return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
+def _lines(result: pa.Table) -> list[tuple[Any, ...]]:
+    """The result's rows as tuples (column names may repeat, so not as dicts)."""
+    return list(zip(*(column.to_pylist() for column in result.columns)))
+
+
 def _as_table(result: pa.Table) -> str:
-    return render_table(result.column_names, [list(r.values()) for r in result.to_pylist()])
+    return render_table(result.column_names, _lines(result))
 
 
 def _as_csv(result: pa.Table) -> str:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(result.column_names)
-    writer.writerows([[_csv_cell(v) for v in r.values()] for r in result.to_pylist()])
+    writer.writerows([[_csv_cell(v) for v in line] for line in _lines(result)])
     return text.getvalue()
 
 
@@ -271,7 +276,7 @@ def _as_json(result: pa.Table) -> str:
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
     records = [json.dumps({k: clean(v) for k, v in r.items()}, default=_json_default) for r in result.to_pylist()]
-    return "[\n" + ",\n".join(records) + "\n]\n"
+    return "[\n" + ",\n".join(records) + "\n]\n" if records else "[]\n"
 
 
 def _percent(value: float | None) -> str:

@@ -145,7 +145,7 @@ def dsc_plot(groups: dict[str, dict[str | None, list[float]]]) -> bytes:
                      capprops={"color": colour})
         for position, dscs in zip(positions, values):
             spread = np.linspace(-width * 0.25, width * 0.25, len(dscs)) if len(dscs) > 1 else np.zeros(1)
-            axes.scatter(position + spread, dscs, s=12, color=colour, alpha=0.7, label=None)
+            axes.scatter(position + spread, dscs, s=12, color=colour, alpha=0.7)
         axes.plot([], [], color=colour, label=query.method_name(mode))
     axes.set_xticks(range(len(xs)), [str(x) for x in xs])
     axes.set_xlim(-0.6, len(xs) - 0.4)
@@ -233,7 +233,8 @@ th, td { border: 1px solid #ccc; padding: .2em .5em; text-align: right; vertical
 th { background: #f2f2f2; }
 td.text, th.text { text-align: left; }
 figure { display: inline-block; margin: 0 1em 1em 0; }
-figure img { display: block; image-rendering: pixelated; }
+figure img { display: block; }
+figure.overlay img { image-rendering: pixelated; }
 pre { background: #f7f7f7; padding: .5em; overflow-x: auto; max-height: 30em; }
 .error { color: #a00; white-space: pre-wrap; text-align: left; }
 .note { color: #666; }
@@ -298,7 +299,7 @@ def _overlay_section(mode: str | None, overlays: list[Overlay]) -> str:
         if item.file is None:
             parts.append(f'<figure><figcaption>{_esc(caption)}</figcaption><p class="error">{_esc(item.problem)}</p></figure>')
         else:
-            parts.append(f'<figure id="overlay-{_esc(item.role)}"><a href="{_href(item.file)}"><img src="{_href(item.file)}" '
+            parts.append(f'<figure class="overlay" id="overlay-{_esc(item.role)}"><a href="{_href(item.file)}"><img src="{_href(item.file)}" '
                          f'alt="{_esc(caption)}"></a><figcaption>{_esc(caption)}</figcaption></figure>')
     return "\n".join(parts)
 

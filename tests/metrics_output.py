@@ -29,7 +29,8 @@ RUN_B = "20260102T000000Z-bbbbbb"  # c2f rerun: 0-3 skipped, 4 fails now, 5 reco
 RUN_C = "20260103T000000Z-cccccc"  # coarse-only, cases 0-6
 CV_RUNS = ("cv7-fold0-c2f", "cv7-fold0-coarse", "cv7-fold1-c2f", "cv7-fold1-coarse")
 RUN_OTHER_CV = "cv8-fold0-c2f"  # a later CV over case 10 again, so "cv7" and "cv" select differently
-BAD_READ = "cannot read: <gzip> truncated & \"corrupt\""
+BAD_READ = "cannot read: <gzip> truncated & \"corrupt\""  # case 5, which recovers in run B
+OUT_OF_MEMORY = "CUDA out of memory <fine stage> & 'more'"  # case 4's current error
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def build_output(output: Path) -> Path:
     ], day=0)
     write_run(output, RUN_B, "c2f", [
         *(Spec(c, status=runs.STATUS_SKIPPED) for c in (0, 1, 2, 3)),
-        Spec(4, status=runs.STATUS_ERROR, move=None, error="CUDA out of memory <fine stage>"),
+        Spec(4, status=runs.STATUS_ERROR, move=None, error=OUT_OF_MEMORY),
         Spec(5, move=moves[5]),
     ], day=1, attempt=2)
     write_run(output, RUN_C, "coarse", [
