@@ -9,15 +9,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from resdsn_ray.cv import add_cv_flags, run_cv_command
 from resdsn_ray.errors import InputError
 from resdsn_ray.training import add_train_flags
 
 
-def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    """Engine settings shared by `segment` and the archive job."""
-    parser.add_argument("--coarse", help="coarse model bundle URI (default: shipped demo bundle)")
-    parser.add_argument("--fine", help="fine model bundle URI (default: shipped demo bundle)")
-    parser.add_argument("--mode", choices=["c2f", "coarse", "fine"], default="c2f")
+def add_engine_flags(parser: argparse.ArgumentParser, bundles: bool = True) -> None:
+    """Engine settings shared by `segment`, the archive job and (without bundles and mode) `cv`."""
+    if bundles:
+        parser.add_argument("--coarse", help="coarse model bundle URI (default: shipped demo bundle)")
+        parser.add_argument("--fine", help="fine model bundle URI (default: shipped demo bundle)")
+        parser.add_argument("--mode", choices=["c2f", "coarse", "fine"], default="c2f")
     parser.add_argument("--n-coarse", type=int, default=6, help="coarse windows per axis: floor(L/P) + n")
     parser.add_argument("--n-fine", type=int, default=12, help="fine windows per axis: floor(L/P) + n")
     parser.add_argument("--margin", type=int, default=20, help="crop margin around the coarse mask (voxels)")
@@ -37,7 +39,7 @@ def engine_config(args: argparse.Namespace):
         fine=WindowConfig(n=args.n_fine, fusion=args.fusion, batch_size=args.batch_size),
         margin=args.margin,
         post_ratio=args.post_ratio,
-        mode=args.mode,
+        mode=getattr(args, "mode", "c2f"),
         device=args.device,
         precision=args.precision,
         accumulate_on=args.accumulate_on,
@@ -153,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a coarse or fine ResDSN with Ray Train (DDP)")
     train.set_defaults(run=cmd_train)
     add_train_flags(train)
+
+    cv = commands.add_parser("cv", help="k-fold cross-validation: train and evaluate every fold on the cluster")
+    cv.set_defaults(run=run_cv_command)
+    add_cv_flags(cv)
 
     metrics = commands.add_parser("metrics", help="summaries and SQL over an output's metrics rows")
     metrics_commands = metrics.add_subparsers(dest="metrics_command", required=True)

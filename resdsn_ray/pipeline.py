@@ -486,7 +486,7 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
     settings = _settings(job, ids)
     cfg = runs.config_id(settings)
     run_id = job.run_id or runs.new_run_id()
-    history = runs.History.load(job.output)
+    history = runs.History.load(job.output, mode)
 
     base = {"run_id": run_id, "coarse_model": ids["coarse"], "fine_model": ids["fine"], "config_id": cfg, "mode": mode,
             "fold": job.fold}
@@ -499,7 +499,7 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
         elif not job.overwrite and history.is_done(case.case_id, cfg):
             immediate.append(_skipped(row, history))
         else:
-            todo.append(dict(row, attempt=history.next_attempt(case.case_id), mask_uri=runs.mask_uri(job.output, case.case_id)))
+            todo.append(dict(row, attempt=history.next_attempt(case.case_id), mask_uri=runs.mask_uri(job.output, case.case_id, mode)))
 
     record = {
         "run_id": run_id,
@@ -764,8 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    current = runs.latest_rows(output, {r["case_id"] for r in result.rows})
-    print(f"\nmasks: {storage.join(output, 'masks')}\nrows:  {runs.metrics_uri(output, result.run_id)}\n"
+    current = runs.latest_rows(output, {r["case_id"] for r in result.rows}, engine.mode)
+    print(f"\nmasks: {runs.masks_uri(output, engine.mode)}\nrows:  {runs.metrics_uri(output, result.run_id)}\n"
           f"run:   {runs.run_record_uri(output, result.run_id)}\n")
     print(summary_table(current), flush=True)
     return 0

@@ -1,13 +1,15 @@
 """What an archive run leaves under its output, and what earlier runs already did.
 
 Layout under OUTPUT (DESIGN "Outputs of an archive run"):
-- `masks/<case_id>.nii.gz`, written whole or not at all;
+- `masks/<case_id>.nii.gz`, written whole or not at all; the ablation modes (coarse-only,
+  fine-only) write to `masks/coarse/` and `masks/fine/`, so one output can hold all three;
 - `metrics/run_id=<id>/part-<seq>.parquet`, rows with `ROW_SCHEMA`, one per case and attempt;
 - `runs/<id>.json`, the run record (config, bundle ids, versions, start/end, counts).
 
-A case is *done* when its mask exists AND a row of an earlier attempt says it finished
-(`ok` or `no_organ`) under the same `config_id` (bundles + engine settings): a rerun with the
-same output skips it, a rerun with other models or settings recomputes it. A mask without a
+A case is *done* in a mode when its mask of that mode exists AND the latest row of an
+earlier attempt in that mode says it finished (`ok` or `no_organ`) under the same `config_id`
+(bundles + engine settings): a rerun with the same output skips it, a rerun with other models
+or settings recomputes it. A mask without a
 row (the driver died between the two writes) is not trusted: the case is recomputed and the
 mask replaced whole. Rows are never rewritten; every attempt appends its own, numbered by
 `attempt`, so the history of a case stays queryable.
@@ -85,8 +87,16 @@ def config_id(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def mask_uri(output: str, case_id: str) -> str:
-    return storage.join(output, "masks", f"{case_id}.nii.gz")
+MODES = ("c2f", "coarse", "fine")
+
+
+def masks_uri(output: str, mode: str = "c2f") -> str:
+    """The folder of a mode's masks: `masks/` for C2F, `masks/<mode>/` for the ablations."""
+    return storage.join(output, "masks") if mode == "c2f" else storage.join(output, "masks", mode)
+
+
+def mask_uri(output: str, case_id: str, mode: str = "c2f") -> str:
+    return storage.join(masks_uri(output, mode), f"{case_id}.nii.gz")
 
 
 def metrics_uri(output: str, run_id: str | None = None) -> str:
@@ -142,9 +152,9 @@ def _conform(table: pa.Table) -> pa.Table:
     return pa.table(columns, schema=ROW_SCHEMA)
 
 
-def existing_masks(output: str) -> set[str]:
-    """Case ids that have a mask under `output`."""
-    fs, path = storage.filesystem(storage.join(output, "masks"))
+def existing_masks(output: str, mode: str = "c2f") -> set[str]:
+    """Case ids that have a mask of `mode` under `output`."""
+    fs, path = storage.filesystem(masks_uri(output, mode))
     fs.invalidate_cache()
     try:
         names = fs.ls(path, detail=False)
@@ -155,13 +165,13 @@ def existing_masks(output: str) -> set[str]:
 
 
 class History:
-    """What earlier attempts under one output did: done cases and attempt counts."""
+    """What earlier attempts in one mode under one output did: done cases and attempt counts."""
 
-    def __init__(self, rows: pa.Table, masks: set[str]) -> None:
+    def __init__(self, rows: pa.Table, masks: set[str], mode: str = "c2f") -> None:
         self.attempts: dict[str, int] = {}
         self.done: dict[str, dict[str, Any]] = {}
         for row in rows.sort_by([("finished_at", "ascending")]).to_pylist():
-            if row["status"] == STATUS_SKIPPED:
+            if row["status"] == STATUS_SKIPPED or row["mode"] != mode:
                 continue
             case = row["case_id"]
             self.attempts[case] = max(self.attempts.get(case, 0), row["attempt"] or 0)
@@ -171,8 +181,8 @@ class History:
                 self.done.pop(case, None)  # a later failed attempt: the old result is stale
 
     @classmethod
-    def load(cls, output: str) -> History:
-        return cls(read_rows(output), existing_masks(output))
+    def load(cls, output: str, mode: str = "c2f") -> History:
+        return cls(read_rows(output), existing_masks(output, mode), mode)
 
     def is_done(self, case_id: str, config: str) -> bool:
         row = self.done.get(case_id)
@@ -190,10 +200,10 @@ def read_run_record(output: str, run_id: str) -> dict[str, Any]:
     return json.loads(storage.read_bytes(run_record_uri(output, run_id)))
 
 
-def latest_rows(output: str, case_ids: set[str] | None = None) -> list[dict[str, Any]]:
-    """Each case's latest non-skipped row under `output` (optionally only `case_ids`)."""
-    latest: dict[str, dict[str, Any]] = {}
+def latest_rows(output: str, case_ids: set[str] | None = None, mode: str | None = None) -> list[dict[str, Any]]:
+    """Each case's latest non-skipped row per mode under `output` (optionally only `case_ids`, `mode`)."""
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
     for row in read_rows(output).sort_by([("finished_at", "ascending")]).to_pylist():
-        if row["status"] != STATUS_SKIPPED and (case_ids is None or row["case_id"] in case_ids):
-            latest[row["case_id"]] = row
+        if row["status"] != STATUS_SKIPPED and (case_ids is None or row["case_id"] in case_ids) and mode in (None, row["mode"]):
+            latest[row["case_id"], row["mode"] or ""] = row
     return [latest[k] for k in sorted(latest)]

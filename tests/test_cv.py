@@ -1,0 +1,158 @@
+"""Cross-validation: the split, the fold plumbing, and a 2-fold demo-size CV on the session's
+two-node Ray cluster whose driver is killed once and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from ray_cluster import REPO, Cluster, ray_cluster_fixture  # noqa: F401  (session fixture)
+
+from resdsn_ray import runs
+from resdsn_ray.archive import Case, list_cases
+from resdsn_ray.cv import (
+    CVJob,
+    default_concurrency,
+    eval_resources,
+    load_or_make_splits,
+    make_splits,
+    write_manifests,
+)
+from resdsn_ray.errors import InputError
+from resdsn_ray.synthetic import write_archive
+from resdsn_ray.training import preset_config
+
+RECIPES = {stage: preset_config("demo", stage) for stage in ("coarse", "fine")}
+
+
+def test_splits_are_seeded_disjoint_complete_and_as_even_as_the_papers():
+    ids = [f"case_{i:03d}" for i in range(82)]
+    folds = make_splits(ids, 4, seed=7)
+    assert sorted(len(f) for f in folds) == [20, 20, 21, 21]  # NIH: 21/21/20/20
+    assert sorted(c for f in folds for c in f) == ids  # every case once: disjoint and complete
+    assert make_splits(list(reversed(ids)), 4, seed=7) == folds  # the listing order does not matter
+    assert make_splits(ids, 4, seed=8) != folds
+    assert [len(f) for f in make_splits(ids[:10], 3, seed=0)] == [4, 3, 3]
+    with pytest.raises(InputError, match="cannot make 5 folds"):
+        make_splits(ids[:4], 5, seed=0)
+    with pytest.raises(InputError, match="at least 2 folds"):
+        make_splits(ids, 1, seed=0)
+
+
+def _job(tmp_path: Path, **kw) -> CVJob:
+    return CVJob(data=str(tmp_path / "data"), output=str(tmp_path / "out"), train=RECIPES, **kw)
+
+
+def test_the_split_is_written_once_and_reused_verbatim(tmp_path: Path):
+    cases = [Case(f"c{i}", f"/data/c{i}.nii.gz", f"/labels/c{i}.nii.gz") for i in range(7)]
+    first = load_or_make_splits(_job(tmp_path, folds=3, seed=1), cases)
+    written = (tmp_path / "out" / "splits.json").read_text()
+    # A resume with the archive grown and listed in another order keeps the saved split.
+    again = load_or_make_splits(_job(tmp_path, folds=3, seed=1), cases[::-1] + [Case("c9", "/data/c9.nii.gz", "/l/c9.nii.gz")])
+    assert again == first and (tmp_path / "out" / "splits.json").read_text() == written
+    with pytest.raises(InputError, match="holds a split with 3 folds and seed 1"):
+        load_or_make_splits(_job(tmp_path, folds=4, seed=1), cases)
+
+
+def test_fold_manifests_train_on_the_other_folds_and_test_on_their_own(tmp_path: Path):
+    cases = [Case(f"c{i}", f"/data/c{i}.nii.gz", f"/labels/c{i}.nii.gz") for i in range(6)]
+    job = _job(tmp_path, folds=3)
+    splits = load_or_make_splits(job, cases)
+    write_manifests(job.output, splits)
+    for fold, held in enumerate(splits["splits"]):
+        test = list_cases(str(tmp_path / "out" / "folds" / f"fold{fold}" / "test.csv"))
+        train = list_cases(str(tmp_path / "out" / "folds" / f"fold{fold}" / "train.csv"))
+        assert [c.case_id for c in test] == held
+        assert sorted(c.case_id for c in train + test) == [f"c{i}" for i in range(6)]
+        assert all(c.label_uri == f"/labels/{c.case_id}.nii.gz" and c.image_uri == f"/data/{c.case_id}.nii.gz" for c in train)
+
+
+def test_folds_side_by_side_fit_the_cluster_and_evaluate_within_their_share(tmp_path: Path):
+    cpu = _job(tmp_path, folds=4, workers_per_trial=2, cpus_per_worker=1.0)
+    assert default_concurrency(cpu, {"CPU": 16.0}) == 4
+    assert default_concurrency(cpu, {"CPU": 5.0}) == 2
+    assert default_concurrency(cpu, {"CPU": 1.0}) == 1
+    assert default_concurrency(_job(tmp_path, folds=4, max_concurrent_folds=9), {"CPU": 1.0}) == 4
+    gpu = _job(tmp_path, folds=4, workers_per_trial=2, gpu=True)
+    assert default_concurrency(gpu, {"CPU": 64.0, "GPU": 4.0}) == 2
+    res = eval_resources(_job(tmp_path, workers_per_trial=1, cpus_per_worker=0.5))
+    assert res.coarse_actors * res.cpus_per_actor + res.task_cpus <= 0.5
+    res = eval_resources(gpu)
+    assert (res.coarse_actors, res.gpus_per_actor) == (2, 1.0)
+    assert res.coarse_actors * res.cpus_per_actor + res.task_cpus <= 2.0
+
+
+# ------------------------------------------------------------------------------ end to end
+
+TINY = ["--preset", "demo", "--iterations", "4", "--width", "4", "--patch", "16", "--train-batch-size", "2",
+        "--n-coarse", "1", "--n-fine", "1", "--margin", "4", "--cpus-per-worker", "0.5", "--folds", "2", "--seed", "3"]
+START_TIMEOUT_S = 900.0
+
+
+def _cv(cluster: Cluster, data: Path, output: Path, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "jobs/cross_validate.py", "--data", str(data), "--output", str(output),
+               "--address", cluster.gcs, *TINY]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def _finish(process: subprocess.Popen, log: Path, timeout: float) -> None:
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"the CV did not finish in {timeout:g} s:\n{log.read_text()[-4000:]}")
+    assert code == 0, log.read_text()[-4000:]
+
+
+@pytest.mark.ray
+def test_two_fold_cv_killed_once_resumes_and_fills_every_fold_and_mode(ray_cluster: Cluster, tmp_path: Path):
+    data, output = tmp_path / "data", tmp_path / "out"
+    write_archive(str(data), cases=4, seed=11, shape=(48, 48, 32))
+
+    first = _cv(ray_cluster, data, output, tmp_path / "first.log")
+    deadline = time.monotonic() + START_TIMEOUT_S
+    # Kill the driver once the first evaluation rows are on disk: trainings done, cases in flight.
+    while not list((output / "metrics").glob("run_id=*/part-*.parquet")):
+        if first.poll() is not None:
+            pytest.fail(f"the CV ended (exit {first.returncode}) before it was killed:\n{(tmp_path / 'first.log').read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            first.kill()
+            pytest.fail("no evaluation rows within the time limit")
+        time.sleep(0.5)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    splits = (output / "splits.json").read_bytes()
+    bundles = {run.parent / "bundle" / "weights.safetensors": None for run in output.glob("folds/fold*/*/run.json")
+               if json.loads(run.read_text())["status"] == "done"}
+    bundles = {p: p.stat().st_mtime_ns for p in bundles}
+    assert bundles, "at least one fold had trained its models before the kill"
+
+    second = _cv(ray_cluster, data, output, tmp_path / "second.log")
+    _finish(second, tmp_path / "second.log", START_TIMEOUT_S)
+
+    assert (output / "splits.json").read_bytes() == splits
+    assert {p: p.stat().st_mtime_ns for p in bundles} == bundles, "a finished training was redone"
+    record = json.loads((output / "cv.json").read_text())
+    assert record["invocations"] == 2 and record["status"] == "finished"
+    assert record["fold_state"] == {"0": "done", "1": "done"}
+    folds = json.loads(splits)["splits"]
+    rows = runs.read_rows(str(output)).to_pylist()
+    assert all(r["run_id"].startswith(record["cv_id"]) for r in rows)
+    finished = Counter((r["case_id"], r["mode"], r["fold"]) for r in rows if r["status"] in runs.FINISHED)
+    expected = {(case, mode, fold) for fold, held in enumerate(folds) for case in held for mode in ("coarse", "fine", "c2f")}
+    assert set(finished) == expected
+    assert set(finished.values()) == {1}, "a case segmented before the kill was segmented again"
+    assert all(r["status"] in (*runs.FINISHED, runs.STATUS_SKIPPED) for r in rows), [r["error"] for r in rows]
+    assert any(r["status"] == runs.STATUS_SKIPPED and "-r2-" in r["run_id"] for r in rows)
+    for case, mode, _ in expected:
+        assert Path(runs.mask_uri(str(output), case, mode)).is_file()
+    assert all(r["dsc"] is not None for r in rows if r["status"] in runs.FINISHED)

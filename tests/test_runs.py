@@ -1,0 +1,57 @@
+"""Resume bookkeeping: what earlier rows and masks under one output say is done, per mode."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from resdsn_ray import runs
+
+T0 = datetime(2026, 11, 27, tzinfo=timezone.utc)
+
+
+def _row(case: str, mode: str, status: str, config: str, minute: int, run: str = "r1") -> dict:
+    return {"run_id": run, "case_id": case, "mode": mode, "status": status, "config_id": config, "attempt": 1,
+            "finished_at": T0 + timedelta(minutes=minute)}
+
+
+def _mask(output: Path, case: str, mode: str) -> None:
+    path = Path(runs.mask_uri(str(output), case, mode))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"mask")
+
+
+def test_each_mode_keeps_its_own_masks_and_done_cases(tmp_path: Path):
+    out = tmp_path / "out"
+    assert runs.mask_uri(str(out), "a", "c2f") == str(out / "masks" / "a.nii.gz")
+    assert runs.mask_uri(str(out), "a", "coarse") == str(out / "masks" / "coarse" / "a.nii.gz")
+    runs.write_rows(str(out), "r1", 0, [_row("a", "c2f", "ok", "C", 0), _row("a", "coarse", "ok", "K", 1),
+                                        _row("b", "coarse", "ok", "K", 2)])
+    for case, mode in (("a", "c2f"), ("a", "coarse"), ("b", "coarse")):
+        _mask(out, case, mode)
+    c2f, coarse = runs.History.load(str(out), "c2f"), runs.History.load(str(out), "coarse")
+    # The coarse-only row written after the C2F one does not make the C2F result stale.
+    assert c2f.is_done("a", "C") and not c2f.is_done("b", "C")
+    assert coarse.is_done("a", "K") and coarse.is_done("b", "K")
+    assert not coarse.is_done("a", "C")  # other settings: recompute
+    assert runs.existing_masks(str(out), "c2f") == {"a"}  # the mode folders are not cases
+
+
+def test_a_later_failure_or_a_missing_mask_means_not_done(tmp_path: Path):
+    out = tmp_path / "out"
+    runs.write_rows(str(out), "r1", 0, [_row("a", "c2f", "ok", "C", 0), _row("b", "c2f", "ok", "C", 1)])
+    runs.write_rows(str(out), "r2", 0, [_row("a", "c2f", "error", "C", 5, run="r2")])
+    _mask(out, "a", "c2f")  # b's mask is missing (never written, or removed)
+    history = runs.History.load(str(out), "c2f")
+    assert not history.is_done("a", "C") and not history.is_done("b", "C")
+    assert history.next_attempt("a") == 2
+
+
+def test_latest_rows_are_per_case_and_mode(tmp_path: Path):
+    out = tmp_path / "out"
+    runs.write_rows(str(out), "r1", 0, [_row("a", "c2f", "error", "C", 0), _row("a", "coarse", "ok", "K", 1),
+                                        _row("a", "c2f", "ok", "C", 2, run="r2"),
+                                        _row("a", "c2f", "skipped", "C", 3, run="r3")])
+    latest = runs.latest_rows(str(out))
+    assert [(r["mode"], r["status"], r["run_id"]) for r in latest] == [("c2f", "ok", "r2"), ("coarse", "ok", "r1")]
+    assert [r["mode"] for r in runs.latest_rows(str(out), mode="coarse")] == ["coarse"]
