@@ -14,7 +14,7 @@ Each fold is one Ray task (no CPU of its own) that trains its coarse and fine mo
 `TorchTrainer` with its own workers) and then runs the archive pipeline over its held-out
 cases in the modes coarse-only, fine-only on the whole volume, and C2F. Rows go to the one
 Parquet table under OUTPUT/metrics with `fold` and `mode` set; archive runs are named
-`<cv_id>-fold<k>-<mode>-r<invocation>`, so `--run <cv_id>` selects the whole CV.
+`<cv_id>-r<invocation>-fold<k>-<mode>`, so `--run <cv_id>` selects the whole CV.
 
 Plain concurrent fold tasks rather than Ray Tune: a fold is a fixed pipeline (two trainings,
 then three archive runs), not a trial of a search space; Tune would own only the training part,
