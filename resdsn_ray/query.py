@@ -140,7 +140,7 @@ def mode_key(mode: str | None) -> tuple[int, str]:
 def load(output_uri: str, run: str | None = None) -> pa.Table:
     """All rows under `output_uri`, only those of runs whose id is or starts with `run` if given.
 
-    A cross-validation's archive runs are `<cv_run_id>-fold<k>-<mode>`, so a CV id selects them all.
+    A cross-validation's archive runs are `<cv_id>-r<invocation>-fold<k>-<mode>`, so a CV id selects them all.
     """
     rows = runs.read_rows(output_uri)
     if rows.num_rows == 0:
