@@ -26,6 +26,8 @@ so a fold that evaluates never waits on another fold's training.
 Resume: splits.json is reused as written; a fold with done.json is not touched; a training whose
 bundle exists is not redone (an unfinished one resumes from its last checkpoint); an archive
 run skips the cases already segmented with the same models and settings (`resdsn_ray.runs`).
+For the same reason a fold task whose process dies is retried once by Ray; a fold that fails
+(bad input, a training that failed past its retries) is reported and the other folds go on.
 """
 
 from __future__ import annotations
@@ -246,7 +248,7 @@ def run_cv(job: CVJob, say: Callable[[str], None] = print) -> CVResult:
         limit = default_concurrency(job, ray.cluster_resources())
         say(f"running folds {todo}, at most {limit} at a time")
         env = {"env_vars": aws_env()} if aws_env() else None
-        task = ray.remote(run_fold).options(num_cpus=0, max_retries=0, runtime_env=env)
+        task = ray.remote(run_fold).options(num_cpus=0, max_retries=1, runtime_env=env)
         pending = list(todo)
         running: dict[Any, int] = {}
         while pending or running:
