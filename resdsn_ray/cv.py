@@ -326,11 +326,15 @@ def job_from_args(args: argparse.Namespace) -> CVJob:
 
 def run_cv_command(args: argparse.Namespace) -> int:
     """`resdsn cv`: 0 when every fold finished, 1 when some failed (rerun resumes them)."""
+    from resdsn_ray.query import summary
+
     result = run_cv(job_from_args(args), say=lambda line: print(line, flush=True))
     output = absolute(args.output)
     print(f"\nsplits: {storage.join(output, SPLITS_FILE)}\nrecord: {storage.join(output, CV_RECORD)}\n"
           f"rows:   {runs.metrics_uri(output)} (run ids {result.cv_id}-*)\n"
-          f"summary: resdsn metrics summary {output} --run {result.cv_id} --by fold", flush=True)
+          f"more:   resdsn metrics summary {output} --run {result.cv_id} --by fold; resdsn report {output}\n", flush=True)
+    if storage.exists(runs.metrics_uri(output)):
+        print(summary(output, run=result.cv_id).text(), flush=True)
     for fold, reason in sorted(result.failed.items()):
         print(f"error: fold {fold} failed: {reason}", file=sys.stderr)
     if result.failed:
