@@ -156,3 +156,15 @@ def test_two_fold_cv_killed_once_resumes_and_fills_every_fold_and_mode(ray_clust
     for case, mode, _ in expected:
         assert Path(runs.mask_uri(str(output), case, mode)).is_file()
     assert all(r["dsc"] is not None for r in rows if r["status"] in runs.FINISHED)
+
+
+def test_cv_command_names_bad_input_before_starting_anything(tmp_path: Path, capsys):
+    from resdsn_ray.cli import main
+
+    write_archive(str(tmp_path / "data"), cases=3, seed=1, shape=(48, 48, 32))
+    out = tmp_path / "out"
+    assert main(["cv", "--data", str(tmp_path / "data"), "--output", str(out), "--folds", "4", "--preset", "demo"]) == 2
+    assert "3 labelled case(s) cannot make 4 folds" in capsys.readouterr().err
+    assert main(["cv", "--data", str(tmp_path / "missing"), "--output", str(out), "--preset", "demo"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert not (out / "splits.json").exists()
