@@ -40,7 +40,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,7 +49,10 @@ from resdsn_ray.archive import Case
 from resdsn_ray.bundle import CONFIG_FILE
 from resdsn_ray.config import EngineConfig, to_dict
 from resdsn_ray.errors import InputError
-from resdsn_ray.training import BUNDLE_DIR, RUN_RECORD, TrainConfig, train, training_cases
+from resdsn_ray.training import BUNDLE_DIR, RECIPE, RUN_RECORD, TrainConfig, train, training_cases
+
+if TYPE_CHECKING:
+    from resdsn_ray.pipeline import Resources
 
 SPLITS_FILE = "splits.json"
 CV_RECORD = "cv.json"
@@ -148,7 +151,7 @@ def default_concurrency(job: CVJob, cluster: dict[str, float]) -> int:
     return max(1, min(job.folds, room))
 
 
-def eval_resources(job: CVJob):
+def eval_resources(job: CVJob) -> Resources:
     """The archive pipeline's resources within one fold's share (its training workers' own)."""
     from resdsn_ray.pipeline import Resources, fit_cpus
 
@@ -157,6 +160,28 @@ def eval_resources(job: CVJob):
     actor_cpus, task_cpus = fit_cpus(actors, [share])
     return Resources(shape="whole", coarse_actors=actors, gpus_per_actor=1.0 if job.gpu else 0.0,
                      cpus_per_actor=actor_cpus, task_cpus=task_cpus, read_tasks=1)
+
+
+def recipe(job: CVJob) -> dict[str, Any]:
+    """What decides the CV's models and masks: the training recipes and the engine's settings
+    (not its device, batch sizes or cadences). A resume must keep them."""
+    engine = to_dict(job.engine)
+    for name in ("device", "accumulate_on", "channels_last", "mode"):
+        engine.pop(name)
+    for stage in ("coarse", "fine"):
+        engine[stage].pop("batch_size")
+    trainings = {stage: {key: to_dict(config)[key] for key in RECIPE} for stage, config in job.train.items()}
+    return {"train": trainings, "engine": engine}
+
+
+def check_resume(record: dict[str, Any], job: CVJob, uri: str) -> None:
+    """InputError when the CV under OUTPUT was started with another recipe."""
+    old, new = record.get("recipe", {}), recipe(job)
+    changed = [f"{part}.{stage}" for part in new for stage in new[part]
+               if json.dumps(old.get(part, {}).get(stage), sort_keys=True) != json.dumps(new[part][stage], sort_keys=True)]
+    if changed:
+        raise InputError(uri, f"holds a cross-validation with other settings ({', '.join(changed)}); "
+                              "resume with the same ones or use a new --output")
 
 
 def trained_bundle(run_output: str) -> str | None:
@@ -225,10 +250,12 @@ def run_cv(job: CVJob, say: Callable[[str], None] = print) -> CVResult:
     splits = load_or_make_splits(job, cases)
     write_manifests(job.output, splits)
     record_uri = storage.join(job.output, CV_RECORD)
-    record = json.loads(storage.read_bytes(record_uri)) if storage.exists(record_uri) else {
-        "cv_id": runs.new_run_id(), "data": job.data, "output": job.output, "folds": job.folds, "seed": job.seed,
-        "created_at": runs.utc_now().isoformat(), "invocations": 0, "fold_state": {},
-    }
+    if storage.exists(record_uri):
+        record = json.loads(storage.read_bytes(record_uri))
+        check_resume(record, job, record_uri)
+    else:
+        record = {"cv_id": runs.new_run_id(), "data": job.data, "output": job.output, "folds": job.folds, "seed": job.seed,
+                  "created_at": runs.utc_now().isoformat(), "invocations": 0, "recipe": recipe(job)}
     record["invocations"] += 1
     record.update(
         train={stage: to_dict(config) for stage, config in job.train.items()}, engine=to_dict(job.engine),

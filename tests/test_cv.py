@@ -19,10 +19,12 @@ from resdsn_ray import runs
 from resdsn_ray.archive import Case, list_cases
 from resdsn_ray.cv import (
     CVJob,
+    check_resume,
     default_concurrency,
     eval_resources,
     load_or_make_splits,
     make_splits,
+    recipe,
     write_manifests,
 )
 from resdsn_ray.errors import InputError
@@ -47,7 +49,7 @@ def test_splits_are_seeded_disjoint_complete_and_as_even_as_the_papers():
 
 
 def _job(tmp_path: Path, **kw) -> CVJob:
-    return CVJob(data=str(tmp_path / "data"), output=str(tmp_path / "out"), train=RECIPES, **kw)
+    return CVJob(data=str(tmp_path / "data"), output=str(tmp_path / "out"), **({"train": RECIPES} | kw))
 
 
 def test_the_split_is_written_once_and_reused_verbatim(tmp_path: Path):
@@ -59,6 +61,21 @@ def test_the_split_is_written_once_and_reused_verbatim(tmp_path: Path):
     assert again == first and (tmp_path / "out" / "splits.json").read_text() == written
     with pytest.raises(InputError, match="holds a split with 3 folds and seed 1"):
         load_or_make_splits(_job(tmp_path, folds=4, seed=1), cases)
+
+
+def test_a_resume_must_keep_the_recipe_but_may_change_the_cluster_share(tmp_path: Path):
+    from dataclasses import replace
+
+    from resdsn_ray.config import EngineConfig, WindowConfig
+
+    record = {"recipe": recipe(_job(tmp_path))}
+    check_resume(record, _job(tmp_path, workers_per_trial=4, gpu=True, max_concurrent_folds=2), "cv.json")
+    check_resume(record, _job(tmp_path, engine=EngineConfig(device="cuda", coarse=WindowConfig(batch_size=32))), "cv.json")
+    longer = dict(RECIPES, fine=replace(RECIPES["fine"], iterations=5000))
+    with pytest.raises(InputError, match=r"other settings \(train.fine\)"):
+        check_resume(record, _job(tmp_path, train=longer), "cv.json")
+    with pytest.raises(InputError, match=r"engine.margin"):
+        check_resume(record, _job(tmp_path, engine=EngineConfig(margin=5)), "cv.json")
 
 
 def test_fold_manifests_train_on_the_other_folds_and_test_on_their_own(tmp_path: Path):
