@@ -271,7 +271,7 @@ def run_cv(job: CVJob, say: Callable[[str], None] = print) -> CVResult:
         f"{job.folds - len(todo)} already done")
     failed: dict[int, str] = {}
     if todo:
-        connect(job.address)
+        connect(job.address, dashboard=True)  # Ray Train's placement-group cleaner asks the State API
         limit = default_concurrency(job, ray.cluster_resources())
         say(f"running folds {todo}, at most {limit} at a time")
         env = {"env_vars": aws_env()} if aws_env() else None

@@ -340,14 +340,14 @@ def aws_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k in AWS_PASSTHROUGH}
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, dashboard: bool = False) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS, or the job's), else start a local Ray."""
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(include_dashboard=dashboard, logging_level=logging.WARNING)
 
 
 def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[str, PreprocessConfig | None]):
