@@ -71,6 +71,7 @@ from resdsn_ray.engine import STATUS_NO_ORGAN, CoarseToFine, finish_mask, prepar
 from resdsn_ray.errors import InputError
 from resdsn_ray.io import Volume, read_volume, write_mask
 from resdsn_ray.metrics import case_metrics
+from resdsn_ray.query import summarise
 from resdsn_ray.windows import Box, bounding_box, decrop
 
 SHAPES = ("split", "whole")
@@ -667,27 +668,6 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------------------------------
-# Summary
-
-
-def summary_table(rows: list[dict[str, Any]]) -> str:
-    """Counts by status, and mean ± std, max, min of DSC and time per case over finished rows."""
-    finished = [r for r in rows if r["status"] in runs.FINISHED]
-    lines = ["status: " + ", ".join(f"{k} {v}" for k, v in sorted(Counter(r["status"] for r in rows).items()))]
-    lines.append(f"{'':<16}{'n':>4}{'mean':>10}{'± std':>9}{'max':>9}{'min':>9}")
-    for label, key in (("DSC", "dsc"), ("time/case (s)", "t_total_s"), ("coarse (s)", "t_coarse_s"), ("fine (s)", "t_fine_s")):
-        values = np.array([r[key] for r in finished if r.get(key) is not None], dtype=float)
-        if values.size:
-            lines.append(f"{label:<16}{values.size:>4}{values.mean():>10.4f}{values.std():>9.4f}{values.max():>9.4f}{values.min():>9.4f}")
-        else:
-            lines.append(f"{label:<16}{0:>4}{'-':>10}")
-    errors = [r for r in rows if r["status"] == runs.STATUS_ERROR]
-    for r in errors:
-        lines.append(f"error {r['case_id']!r}: {r['error']}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line (jobs/segment_archive.py)
 
 DEMO_DIR = "demo-output"
@@ -767,7 +747,10 @@ def main(argv: list[str] | None = None) -> int:
     current = runs.latest_rows(output, {r["case_id"] for r in result.rows}, engine.mode)
     print(f"\nmasks: {runs.masks_uri(output, engine.mode)}\nrows:  {runs.metrics_uri(output, result.run_id)}\n"
           f"run:   {runs.run_record_uri(output, result.run_id)}\n")
-    print(summary_table(current), flush=True)
+    print(summarise(runs.row_table(current), output).text(), flush=True)
+    for row in current:
+        if row["status"] == runs.STATUS_ERROR:
+            print(f"error {row['case_id']!r}: {row['error']}", flush=True)
     return 0
 
 

@@ -114,7 +114,7 @@ def test_killed_job_resubmitted_finishes_without_recomputing_done_cases(ray_clus
     second = submit(ray_cluster, [*args, "--run-id", f"second-{tag}"], wait=True, submission_id=f"second-{tag}")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "progress:" in second.stdout or "finished:" in second.stdout
-    assert "time/case (s)" in second.stdout and f"{len(done)} already done" in second.stdout
+    assert "Time/case s" in second.stdout and f"{len(done)} already done" in second.stdout
 
     rows = runs.read_rows(output).to_pylist()
     record = runs.read_run_record(output, f"second-{tag}")
