@@ -291,8 +291,8 @@ def run_cv(job: CVJob, say: Callable[[str], None] = print) -> CVResult:
                 record["fold_state"][str(fold)] = "done"
                 say(f"fold {fold} done")
             except Exception as err:  # noqa: BLE001  (one fold's failure must not stop the others)
-                cause = getattr(err, "cause", None) or err
-                failed[fold] = f"{type(cause).__name__}: {cause}"
+                cause = getattr(err, "cause", None) or err  # a RayTaskError carries the fold's own error
+                failed[fold] = str(cause) if isinstance(cause, InputError) else f"{type(cause).__name__}: {cause}"
                 record["fold_state"][str(fold)] = f"failed: {failed[fold]}"
                 say(f"fold {fold} FAILED: {failed[fold]}")
     record.update(status="failed" if failed else "finished", ended_at=runs.utc_now().isoformat())

@@ -11,3 +11,7 @@ class InputError(ValueError):
         self.source = str(source)
         self.reason = reason
         super().__init__(f"{self.source}: {reason}")
+
+    def __reduce__(self) -> tuple[type[InputError], tuple[str, str]]:
+        # Pickled across processes (Ray tasks); the default would call __init__ with the message only.
+        return (InputError, (self.source, self.reason))

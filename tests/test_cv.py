@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from ray_cluster import REPO, Cluster, ray_cluster_fixture  # noqa: F401  (session fixture)
+from ray_cluster import REPO, Cluster, ray_cluster_fixture, ray_driver_fixture  # noqa: F401  (session fixtures)
 
 from resdsn_ray import runs
 from resdsn_ray.archive import Case, list_cases
@@ -21,10 +21,12 @@ from resdsn_ray.cv import (
     CVJob,
     check_resume,
     default_concurrency,
+    job_from_args,
     eval_resources,
     load_or_make_splits,
     make_splits,
     recipe,
+    run_cv,
     write_manifests,
 )
 from resdsn_ray.errors import InputError
@@ -185,3 +187,31 @@ def test_cv_command_names_bad_input_before_starting_anything(tmp_path: Path, cap
     assert main(["cv", "--data", str(tmp_path / "missing"), "--output", str(out), "--preset", "demo"]) == 2
     assert "missing" in capsys.readouterr().err
     assert not (out / "splits.json").exists()
+
+
+@pytest.mark.ray
+def test_a_fold_that_cannot_train_fails_alone_and_bad_cases_become_error_rows(ray_driver, tmp_path: Path):
+    import argparse
+
+    from resdsn_ray.cli import build_parser
+
+    data, output = tmp_path / "data", tmp_path / "out"
+    write_archive(str(data), cases=4, seed=11, shape=(48, 48, 32))
+    folds = make_splits([f"case_{i:04d}" for i in range(4)], 2, seed=3)
+    for case in folds[1]:  # fold 0 trains only on these, fold 1 evaluates them
+        (data / "imagesTr" / f"{case}.nii.gz").write_bytes(b"not a nifti file")
+    args = build_parser().parse_args(["cv", "--data", str(data), "--output", str(output), *TINY])
+    assert isinstance(args, argparse.Namespace)
+    result = run_cv(job_from_args(args), say=lambda line: None)
+
+    assert set(result.failed) == {0}, result.failed
+    assert result.failed[0].startswith(f"{output}/folds/fold0/train.csv: only 0 usable training case(s)"), result.failed
+    assert all(f"{case} (unreadable" in result.failed[0] for case in folds[1])
+    record = json.loads((output / "cv.json").read_text())
+    assert record["status"] == "failed" and record["fold_state"]["1"] == "done"
+    assert record["fold_state"]["0"].startswith("failed:")
+    assert not (output / "folds" / "fold0" / "done.json").exists() and (output / "folds" / "fold1" / "done.json").exists()
+    rows = runs.read_rows(str(output)).to_pylist()
+    assert {(r["case_id"], r["mode"]) for r in rows} == {(c, m) for c in folds[1] for m in ("coarse", "fine", "c2f")}
+    assert all(r["status"] == runs.STATUS_ERROR and r["fold"] == 1 for r in rows)
+    assert all(r["case_id"] in r["error"] or "nifti" in r["error"].lower() for r in rows), [r["error"] for r in rows]
