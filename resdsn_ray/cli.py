@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from resdsn_ray.config import MODES
 from resdsn_ray.cv import add_cv_flags, run_cv_command
 from resdsn_ray.errors import InputError
 from resdsn_ray.training import add_train_flags
@@ -19,7 +20,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, bundles: bool = True) -> N
     if bundles:
         parser.add_argument("--coarse", help="coarse model bundle URI (default: shipped demo bundle)")
         parser.add_argument("--fine", help="fine model bundle URI (default: shipped demo bundle)")
-        parser.add_argument("--mode", choices=["c2f", "coarse", "fine"], default="c2f")
+        parser.add_argument("--mode", choices=MODES, default="c2f")
     parser.add_argument("--n-coarse", type=int, default=6, help="coarse windows per axis: floor(L/P) + n")
     parser.add_argument("--n-fine", type=int, default=12, help="fine windows per axis: floor(L/P) + n")
     parser.add_argument("--margin", type=int, default=20, help="crop margin around the coarse mask (voxels)")

@@ -15,6 +15,7 @@ T = TypeVar("T")
 
 Fusion = Literal["average", "vote", "gaussian"]
 Mode = Literal["c2f", "coarse", "fine"]
+MODES: tuple[Mode, ...] = typing.get_args(Mode)  # the paper's order: C2F, coarse-only, fine-only
 Precision = Literal["fp32", "bf16", "fp16"]
 
 

@@ -36,7 +36,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -94,11 +93,6 @@ def make_splits(case_ids: list[str], folds: int, seed: int) -> list[list[str]]:
     return [sorted(ids[i] for i in part) for part in np.array_split(order, folds)]
 
 
-def absolute(uri: str) -> str:
-    """Local paths made absolute: fold tasks may run in another working directory."""
-    return os.path.abspath(uri.removeprefix("file://")) if storage.is_local(uri) else uri.rstrip("/")
-
-
 def fold_dir(output: str, fold: int) -> str:
     return storage.join(output, "folds", f"fold{fold}")
 
@@ -119,7 +113,7 @@ def load_or_make_splits(job: CVJob, cases: list[Case]) -> dict[str, Any]:
         "folds": job.folds,
         "seed": job.seed,
         "splits": parts,
-        "cases": {cid: {"image_uri": absolute(by_id[cid].image_uri), "label_uri": absolute(by_id[cid].label_uri or "")}
+        "cases": {cid: {"image_uri": storage.absolute(by_id[cid].image_uri), "label_uri": storage.absolute(by_id[cid].label_uri or "")}
                   for cid in sorted(by_id)},
     }
     storage.write_text(uri, json.dumps(splits, indent=2) + "\n")
@@ -243,7 +237,7 @@ def run_cv(job: CVJob, say: Callable[[str], None] = print) -> CVResult:
 
     from resdsn_ray.pipeline import aws_env, connect
 
-    job = replace(job, data=absolute(job.data), output=absolute(job.output))
+    job = replace(job, data=storage.absolute(job.data), output=storage.absolute(job.output))
     cases, rejected = training_cases(job.data, None)
     for item in rejected:
         say(f"not in the CV: case {item['case_id']}: {item['reason']}")
@@ -356,7 +350,7 @@ def run_cv_command(args: argparse.Namespace) -> int:
     from resdsn_ray.query import summary
 
     result = run_cv(job_from_args(args), say=lambda line: print(line, flush=True))
-    output = absolute(args.output)
+    output = storage.absolute(args.output)
     print(f"\nsplits: {storage.join(output, SPLITS_FILE)}\nrecord: {storage.join(output, CV_RECORD)}\n"
           f"rows:   {runs.metrics_uri(output)} (run ids {result.cv_id}-*)\n"
           f"more:   resdsn metrics summary {output} --run {result.cv_id} --by fold; resdsn report {output}\n", flush=True)

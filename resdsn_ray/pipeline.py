@@ -57,6 +57,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
@@ -71,7 +73,7 @@ from resdsn_ray.engine import STATUS_NO_ORGAN, CoarseToFine, finish_mask, prepar
 from resdsn_ray.errors import InputError
 from resdsn_ray.io import Volume, read_volume, write_mask
 from resdsn_ray.metrics import case_metrics
-from resdsn_ray.query import summarise
+from resdsn_ray.query import latest, summarise
 from resdsn_ray.windows import Box, bounding_box, decrop
 
 SHAPES = ("split", "whole")
@@ -421,11 +423,7 @@ def _versions() -> dict[str, str]:
 def _check_output(job: ArchiveJob) -> None:
     if is_manifest(job.input):
         return
-
-    def norm(uri: str) -> str:
-        return os.path.abspath(uri.removeprefix("file://")) if storage.is_local(uri) else uri.rstrip("/")
-
-    archive, output = norm(job.input), norm(job.output)
+    archive, output = storage.absolute(job.input), storage.absolute(job.output)
     if output == archive or output.startswith(archive + "/"):
         raise InputError(job.output, f"output must not lie inside the archive {job.input} (it would be listed as cases)")
 
@@ -744,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    current = runs.latest_rows(output, {r["case_id"] for r in result.rows}, engine.mode)
+    current = latest(this_runs_cases(runs.read_rows(output), result.rows, engine.mode))
     print(f"\nmasks: {runs.masks_uri(output, engine.mode)}\nrows:  {runs.metrics_uri(output, result.run_id)}\n"
           f"run:   {runs.run_record_uri(output, result.run_id)}\n")
     print(summarise(runs.row_table(current), output).text(), flush=True)
@@ -752,6 +750,12 @@ def main(argv: list[str] | None = None) -> int:
         if row["status"] == runs.STATUS_ERROR:
             print(f"error {row['case_id']!r}: {row['error']}", flush=True)
     return 0
+
+
+def this_runs_cases(rows: pa.Table, run_rows: list[dict[str, Any]], mode: str) -> pa.Table:
+    """Every row, of any run, of the cases of `run_rows` in `mode`: the history their summary needs."""
+    ids = pa.array(sorted({r["case_id"] for r in run_rows}), pa.string())
+    return rows.filter(pc.and_(pc.is_in(rows["case_id"], value_set=ids), pc.equal(rows["mode"], mode)))
 
 
 def _demo_archive(args: argparse.Namespace) -> str:

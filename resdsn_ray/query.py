@@ -26,11 +26,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from resdsn_ray import runs, storage
+from resdsn_ray.config import MODES
 from resdsn_ray.errors import InputError
 
 FORMATS = ("table", "csv", "json", "parquet")
 SUMMARY_BY = ("mode", "fold")
-MODES = ("c2f", "coarse", "fine")
 METHODS = {"c2f": "ResDSN C2F", "coarse": "ResDSN Coarse", "fine": "ResDSN Fine"}
 
 # Ties on finished_at (or none recorded) fall to the later attempt, then the later run id.

@@ -87,9 +87,6 @@ def config_id(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-MODES = ("c2f", "coarse", "fine")
-
-
 def masks_uri(output: str, mode: str = "c2f") -> str:
     """The folder of a mode's masks: `masks/` for C2F, `masks/<mode>/` for the ablations."""
     return storage.join(output, "masks") if mode == "c2f" else storage.join(output, "masks", mode)
@@ -199,11 +196,3 @@ def write_run_record(output: str, run_id: str, record: dict[str, Any]) -> None:
 def read_run_record(output: str, run_id: str) -> dict[str, Any]:
     return json.loads(storage.read_bytes(run_record_uri(output, run_id)))
 
-
-def latest_rows(output: str, case_ids: set[str] | None = None, mode: str | None = None) -> list[dict[str, Any]]:
-    """Each case's latest non-skipped row per mode under `output` (optionally only `case_ids`, `mode`)."""
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
-    for row in read_rows(output).sort_by([("finished_at", "ascending")]).to_pylist():
-        if row["status"] != STATUS_SKIPPED and (case_ids is None or row["case_id"] in case_ids) and mode in (None, row["mode"]):
-            latest[row["case_id"], row["mode"] or ""] = row
-    return [latest[k] for k in sorted(latest)]

@@ -23,6 +23,13 @@ def is_local(uri: str) -> bool:
     return "://" not in str(uri) or str(uri).startswith("file://")
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (no `file://`), a URL without its trailing slash: one spelling
+    per place, also valid in processes with another working directory (Ray tasks)."""
+    uri = str(uri)
+    return os.path.abspath(uri.removeprefix("file://")) if is_local(uri) else uri.rstrip("/")
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a local path or URL with forward slashes."""
     uri = str(uri)

@@ -1,11 +1,13 @@
-"""Resume bookkeeping: what earlier rows and masks under one output say is done, per mode."""
+"""Resume bookkeeping: what earlier rows and masks under one output say is done, per mode; and
+each case's current row."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from resdsn_ray import runs
+from resdsn_ray import query, runs
+from resdsn_ray.pipeline import this_runs_cases
 
 T0 = datetime(2026, 11, 27, tzinfo=timezone.utc)
 
@@ -52,6 +54,7 @@ def test_latest_rows_are_per_case_and_mode(tmp_path: Path):
     runs.write_rows(str(out), "r1", 0, [_row("a", "c2f", "error", "C", 0), _row("a", "coarse", "ok", "K", 1),
                                         _row("a", "c2f", "ok", "C", 2, run="r2"),
                                         _row("a", "c2f", "skipped", "C", 3, run="r3")])
-    latest = runs.latest_rows(str(out))
+    rows = runs.read_rows(str(out))
+    latest = query.latest(rows)
     assert [(r["mode"], r["status"], r["run_id"]) for r in latest] == [("c2f", "ok", "r2"), ("coarse", "ok", "r1")]
-    assert [r["mode"] for r in runs.latest_rows(str(out), mode="coarse")] == ["coarse"]
+    assert [r["mode"] for r in query.latest(this_runs_cases(rows, [{"case_id": "a"}], "coarse"))] == ["coarse"]
