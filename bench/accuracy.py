@@ -17,7 +17,7 @@ import torch
 from resdsn_ray.bundle import demo_bundle_uri, load_bundle
 from resdsn_ray.config import EngineConfig
 from resdsn_ray.engine import CoarseToFine
-from resdsn_ray.io import Volume
+from resdsn_ray.volumes import Volume
 from resdsn_ray.metrics import case_metrics
 from resdsn_ray.synthetic import case_seed, make_case
 

@@ -70,7 +70,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from resdsn_ray.bundle import load_bundle
     from resdsn_ray.engine import CoarseToFine
-    from resdsn_ray.io import read_volume, write_mask
+    from resdsn_ray.volumes import read_volume, write_mask
     from resdsn_ray.metrics import case_metrics
 
     config = engine_config(args)

@@ -21,7 +21,7 @@ import torch
 
 from resdsn_ray.bundle import Bundle
 from resdsn_ray.config import EngineConfig, PreprocessConfig, WindowConfig
-from resdsn_ray.io import Volume
+from resdsn_ray.volumes import Volume
 from resdsn_ray.postprocess import remove_small_components
 from resdsn_ray.preprocess import preprocess
 from resdsn_ray.windows import Box, bounding_box, decrop, plan_windows, sliding_window_inference

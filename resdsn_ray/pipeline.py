@@ -71,7 +71,7 @@ from resdsn_ray.bundle import load_bundle
 from resdsn_ray.config import EngineConfig, PreprocessConfig, to_dict
 from resdsn_ray.engine import STATUS_NO_ORGAN, CoarseToFine, finish_mask, prepare_inputs
 from resdsn_ray.errors import InputError
-from resdsn_ray.io import Volume, read_volume, write_mask
+from resdsn_ray.volumes import Volume, read_volume, write_mask
 from resdsn_ray.metrics import case_metrics
 from resdsn_ray.query import latest, summarise
 from resdsn_ray.windows import Box, bounding_box, decrop

@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 
 from resdsn_ray import query, runs, storage
 from resdsn_ray.errors import InputError
-from resdsn_ray.io import read_volume
+from resdsn_ray.volumes import read_volume
 
 WINDOW_HU = (-160.0, 240.0)  # abdominal soft-tissue window for the grey CT
 ALPHA = 0.5  # weight of the overlay colour over the CT

@@ -352,7 +352,7 @@ def validate(module: torch.nn.Module, config: TrainConfig, cases: list[Validatio
     stage), then the same sliding windows and post-processing as the engine.
     """
     from resdsn_ray.engine import CoarseToFine
-    from resdsn_ray.io import Volume
+    from resdsn_ray.volumes import Volume
     from resdsn_ray.postprocess import remove_small_components
     from resdsn_ray.windows import bounding_box, sliding_window_inference
 
@@ -390,7 +390,7 @@ def validate(module: torch.nn.Module, config: TrainConfig, cases: list[Validatio
 
 def load_case_arrays(case: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image HU float32, label, affine) of a case row; InputError names the case on failure."""
-    from resdsn_ray.io import read_volume
+    from resdsn_ray.volumes import read_volume
 
     try:
         image = read_volume(case["image_uri"])

@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from resdsn_ray import runs
-from resdsn_ray.io import Volume, write_mask, write_nifti
+from resdsn_ray.volumes import Volume, write_mask, write_nifti
 from resdsn_ray.metrics import case_metrics
 from resdsn_ray.synthetic import make_case
 

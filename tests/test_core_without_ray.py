@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 CORE_MODULES = [
-    "config", "errors", "storage", "io", "preprocess", "model", "windows",
+    "config", "errors", "storage", "volumes", "preprocess", "model", "windows",
     "postprocess", "engine", "metrics", "synthetic", "bundle",
 ]
 
@@ -57,4 +57,4 @@ def test_core_modules_import_without_ray():
     print(f"imported without ray: {report['imported']}; not present yet: {report['absent']}")
     assert report["blocked"], "the ray blocker did not work"
     assert report["ray_loaded"] == []
-    assert {"config", "errors", "storage", "io"} <= set(report["imported"])
+    assert {"config", "errors", "storage", "volumes"} <= set(report["imported"])

@@ -9,7 +9,7 @@ import torch
 from resdsn_ray.bundle import Bundle
 from resdsn_ray.config import EngineConfig, ModelConfig, PreprocessConfig, WindowConfig
 from resdsn_ray.engine import STATUS_NO_ORGAN, STATUS_OK, CoarseToFine
-from resdsn_ray.io import Volume
+from resdsn_ray.volumes import Volume
 from resdsn_ray.model import build_model
 
 

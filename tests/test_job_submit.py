@@ -23,7 +23,7 @@ from ray_cluster import REPO, Cluster, ray_cluster_fixture  # noqa: F401  (sessi
 from resdsn_ray import runs, storage
 from resdsn_ray.bundle import save_bundle
 from resdsn_ray.config import ModelConfig
-from resdsn_ray.io import read_volume
+from resdsn_ray.volumes import read_volume
 from resdsn_ray.model import build_model
 from resdsn_ray.synthetic import write_archive
 

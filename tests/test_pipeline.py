@@ -27,7 +27,7 @@ from resdsn_ray.bundle import CONFIG_FILE, demo_bundle_uri, load_bundle, save_bu
 from resdsn_ray.config import EngineConfig, ModelConfig, WindowConfig
 from resdsn_ray.engine import CoarseToFine
 from resdsn_ray.errors import InputError
-from resdsn_ray.io import nifti_bytes, read_volume
+from resdsn_ray.volumes import nifti_bytes, read_volume
 from resdsn_ray.model import build_model
 from resdsn_ray.pipeline import (
     DEMO_N_COARSE,

@@ -20,7 +20,7 @@ from scipy import ndimage
 from metrics_output import BAD_READ, OUT_OF_MEMORY, SHAPE, Spec, build_output, prediction, write_run
 from resdsn_ray import query, report, runs
 from resdsn_ray.cli import main
-from resdsn_ray.io import read_volume
+from resdsn_ray.volumes import read_volume
 from resdsn_ray.synthetic import make_case
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage
 
 from resdsn_ray import storage
-from resdsn_ray.io import read_volume
+from resdsn_ray.volumes import read_volume
 from resdsn_ray.synthetic import case_seed, make_case, write_archive
 
 SEEDS = range(10)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from resdsn_ray import storage
 from resdsn_ray.bundle import load_bundle
 from resdsn_ray.errors import InputError
-from resdsn_ray.io import write_nifti
+from resdsn_ray.volumes import write_nifti
 from resdsn_ray.model import build_model
 from resdsn_ray.synthetic import make_case, write_archive
 from resdsn_ray.training import (

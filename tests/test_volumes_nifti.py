@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from resdsn_ray import io
-from resdsn_ray.io import Volume, read_volume, write_mask
+from resdsn_ray import volumes
+from resdsn_ray.volumes import Volume, read_volume, write_mask
 
 
 def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
@@ -55,7 +55,7 @@ def test_round_trip_mask_marks_same_world_points(tmp_path, name):
     affine = AFFINES[name]
     data = _phantom((13, 11, 7), seed=len(name))
     image_path = tmp_path / f"{name}.nii.gz"
-    io.write_nifti(str(image_path), data, affine)
+    volumes.write_nifti(str(image_path), data, affine)
 
     volume = read_volume(str(image_path))
     assert volume.shape == data.shape

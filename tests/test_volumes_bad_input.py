@@ -16,7 +16,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from resdsn_ray.errors import InputError
-from resdsn_ray.io import read_volume
+from resdsn_ray.volumes import read_volume
 
 pytestmark = pytest.mark.filterwarnings("ignore:The value length:UserWarning")
 

@@ -13,7 +13,7 @@ import pytest
 
 from resdsn_ray import storage
 from resdsn_ray.errors import InputError
-from resdsn_ray.io import read_volume, write_mask, write_nifti
+from resdsn_ray.volumes import read_volume, write_mask, write_nifti
 
 pytestmark = pytest.mark.s3
 

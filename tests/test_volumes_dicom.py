@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
-from resdsn_ray.io import AIR_HU, read_volume, write_mask
+from resdsn_ray.volumes import AIR_HU, read_volume, write_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore:The value length:UserWarning")
 
