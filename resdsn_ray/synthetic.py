@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from resdsn_ray import io, storage
+from resdsn_ray import storage, volumes
 
 DEFAULT_SHAPE = (96, 96, 64)
 # Orientations as nibabel axis codes: the world direction each voxel axis increases towards.
@@ -97,8 +97,8 @@ def write_archive(
         image, label, affine = make_case(case_seed(seed, index), shape)
         image_uri = storage.join(out_uri, "imagesTr", f"{case_id}.nii.gz")
         label_uri = storage.join(out_uri, "labelsTr", f"{case_id}.nii.gz")
-        io.write_nifti(image_uri, image, affine)
-        io.write_nifti(label_uri, label, affine)
+        volumes.write_nifti(image_uri, image, affine)
+        volumes.write_nifti(label_uri, label, affine)
         written.append({"case_id": case_id, "image_uri": image_uri, "label_uri": label_uri})
     dataset = {
         "name": "SyntheticPancreas",
