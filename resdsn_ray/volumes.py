@@ -87,6 +87,22 @@ class Volume:
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
 
 
+GRID_ATOL_MM = 1e-3
+"""Largest affine difference (mm) between two grids that count as the same (float32 headers)."""
+
+
+def check_same_grid(label: Volume, image_shape: tuple[int, ...], image_affine: np.ndarray) -> None:
+    """The one grid check: `label` lies on the image's voxel grid (shape AND affine), else InputError.
+
+    A label of the right shape on another affine (flipped, LPS vs RAS, resampled) would score a
+    correct mask as wrong, or train on misplaced organs.
+    """
+    if label.shape != tuple(image_shape):
+        raise InputError(label.source, f"label shape {label.shape} differs from the image's {tuple(image_shape)}")
+    if not np.allclose(label.affine, image_affine, atol=GRID_ATOL_MM):
+        raise InputError(label.source, "label grid (affine) differs from the image's")
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading
 
