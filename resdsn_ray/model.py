@@ -47,11 +47,14 @@ inference. Only out-of-place sums, no concatenation: works under autocast and wi
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from resdsn_ray.config import ModelName
 
 Outputs = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -72,7 +75,8 @@ VARIANTS: dict[str, Variant] = {
     "dsn": Variant(long_residual=False, short_residual=False, deep_supervision=True),
     "res": Variant(long_residual=True, short_residual=False, deep_supervision=False),
 }
-MODEL_NAMES: tuple[str, ...] = tuple(VARIANTS)
+MODEL_NAMES: tuple[str, ...] = typing.get_args(ModelName)  # the vocabulary is config's
+assert set(VARIANTS) == set(MODEL_NAMES), "every model name has exactly one variant"
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:

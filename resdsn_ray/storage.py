@@ -5,6 +5,7 @@ S3 goes through s3fs, which honours the standard AWS variables, AWS_ENDPOINT_URL
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import tempfile
@@ -83,3 +84,13 @@ def storage_options(uri: str) -> dict[str, Any]:
     if str(uri).startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
         return {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
     return {}
+
+
+def write_json(uri: str, record: Any) -> None:
+    """The one JSON writer of every record the project leaves (run, training, CV, bundle config):
+    indented, keys sorted, timestamps and other non-JSON values as their text, written whole."""
+    write_text(uri, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))

@@ -1,0 +1,83 @@
+"""What every Ray entry point shares: joining the cluster, fitting CPU reservations to its nodes,
+and what the workers are given.
+
+Workers get credentials from their own node (instance profile, IRSA, the pod's environment, or
+the environment `ray start` ran in), never from the job: a Ray runtime env is not private (its
+values show in the State API, the dashboard, `runtime_env_agent.log` and the job info). Only
+the non-secret S3 settings in `WORKER_ENV` travel with tasks and actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+
+from resdsn_ray.errors import InputError
+
+# Non-secret settings a worker started elsewhere may lack: the S3 endpoint, region and retry
+# policy, the CA bundle, and which hosts bypass a proxy. Nothing else of the driver's env leaves.
+WORKER_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_RETRY_MODE",
+    "AWS_MAX_ATTEMPTS", "AWS_CA_BUNDLE", "NO_PROXY", "no_proxy",
+)
+
+
+def worker_env() -> dict[str, str]:
+    """The `WORKER_ENV` variables this process has."""
+    return {name: os.environ[name] for name in WORKER_ENV if os.environ.get(name)}
+
+
+def runtime_env() -> dict[str, Any] | None:
+    """The runtime env every task, actor and Train worker of ours gets (None: nothing to add)."""
+    env = worker_env()
+    return {"env_vars": env} if env else None
+
+
+def connect(address: str | None = None, dashboard: bool = False) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS, or the submitting job's), else start a local Ray.
+
+    A local Ray starts without its dashboard unless asked: Ray Train's placement-group cleaner
+    needs the State API (training, cross-validation), the archive job does not.
+    """
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=dashboard, logging_level=logging.WARNING)
+
+
+def node_cpus() -> list[float]:
+    """Logical CPUs of each alive node of the connected cluster ([0.0] when none has any)."""
+    cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return [c for c in cpus if c > 0] or [0.0]
+
+
+def fit_cpus(actors: int, node_cpus: list[float], actor: float | None = None, task: float | None = None) -> tuple[float, float]:
+    """CPUs to reserve per actor and per task so that the job cannot stall on this cluster.
+
+    Ray Data starts every actor of a fixed pool up front. If those reservations leave no node
+    with room for a read or finish task, nothing ever moves and no error is raised (measured:
+    two 0.5-CPU actors on two 1-CPU nodes starved 1-CPU read tasks forever). Defaults are 1
+    CPU each, lowered where nodes are small or actors many (fractions are fine: reservations
+    are bookkeeping) so that all `actors` and one task fit, and any node hosting an actor keeps
+    room for a task. Given values must at least fit: actors x actor + task on the cluster,
+    actor + task on one node. A cluster without CPU nodes yet (autoscaling from zero) is not
+    checked.
+    """
+    total, smallest = sum(node_cpus), min(node_cpus)
+    if total <= 0:  # no worker node yet: an autoscaling cluster will bring them
+        return actor if actor is not None else 1.0, task if task is not None else 1.0
+    task = task if task is not None else min(1.0, smallest / 2)
+    if actor is None:
+        actor = min(1.0, smallest - task, (total - task) / actors)
+    if actor <= 0 or actors * actor + task > total + 1e-9 or actor + task > max(node_cpus) + 1e-9:
+        raise InputError(
+            "--cpus-per-actor",
+            f"{actors} actor(s) x {actor:g} CPU plus a {task:g}-CPU task do not fit on nodes with "
+            f"{node_cpus} CPUs; the job would stall. Lower --cpus-per-actor / --task-cpus or the actor counts.",
+        )
+    return actor, task
