@@ -7,7 +7,10 @@
 #
 # Settings (environment): S3_LOCAL_PORT (default: a free port), S3_LOCAL_BUCKET (default resdsn;
 # moto refuses names under 3 characters), PYTHON (default: the repo's .venv).
-# Ray workers do not inherit this shell's variables: pass them to a job, e.g.
+# Credentials reach Ray workers only through the environment `ray start` ran in: start this first,
+# then the Ray cluster in the same shell (infra/ray-local.sh). A job's runtime env is not private (its
+# values show in the State API, the dashboard and Ray's logs), so `runtime-env` prints only the
+# non-secret settings (resdsn_ray.cluster.WORKER_ENV: endpoint, region, ...) and the upload excludes:
 #   ray job submit --working-dir . --runtime-env-json "$(infra/s3-local.sh runtime-env)" -- python jobs/segment_archive.py ...
 set -euo pipefail
 
@@ -42,9 +45,9 @@ ENV
     if [[ -f $state/pid ]]; then kill "$(cat "$state/pid")" 2>/dev/null || true; fi
     rm -f "$state/pid" "$state/env"
     ;;
-  runtime-env)  # the AWS variables as a Ray runtime_env JSON (for ray job submit)
+  runtime-env)  # the non-secret S3 settings as a Ray runtime_env JSON (for ray job submit)
     (set -a; source "$state/env"; "$python" -c \
-      'import json, os; print(json.dumps({"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}, "excludes": [".venv", ".git", "demo-output"]}))')
+      'import json; from resdsn_ray.cluster import worker_env; print(json.dumps({"env_vars": worker_env(), "excludes": [".venv", ".git", "demo-output"]}))')
     ;;
   *) echo "usage: $0 start|stop|runtime-env [STATE_DIR]" >&2; exit 2 ;;
 esac
