@@ -8,20 +8,36 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import tempfile
 from typing import Any
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.registry import get_filesystem_class
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def scheme(uri: str) -> str:
+    """The URL scheme of `uri` ('s3', 'file', ...); '' for a local path."""
+    match = _SCHEME.match(str(uri))
+    return match.group(1).lower() if match else ""
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem that holds `uri` and the path inside it."""
-    return url_to_fs(str(uri))
+    """The filesystem that holds `uri` and the path inside it, the name taken literally.
+
+    A local path or a single-scheme URL only: fsspec's own `url_to_fs` would read `::` in a
+    file name as URL chaining (`colon::chain.nii.gz` opens protocol 'colon', and
+    `file:///x/a::b` silently becomes `/x/a`).
+    """
+    uri = str(uri)
+    cls = get_filesystem_class(scheme(uri) or "file")
+    return cls(**cls._get_kwargs_from_urls(uri)), cls._strip_protocol(uri)
 
 
 def is_local(uri: str) -> bool:
-    return "://" not in str(uri) or str(uri).startswith("file://")
+    return scheme(uri) in ("", "file")
 
 
 def absolute(uri: str) -> str:
@@ -34,7 +50,7 @@ def absolute(uri: str) -> str:
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a local path or URL with forward slashes."""
     uri = str(uri)
-    if is_local(uri) and not uri.startswith("file://"):
+    if not scheme(uri):
         return os.path.join(uri, *parts)
     return posixpath.join(uri.rstrip("/"), *parts)
 

@@ -19,7 +19,9 @@ DICOM series (a folder URI; not recursive): hidden files, files that are not DIC
 instances without pixels of other kinds (RTSTRUCT, SR, DICOMDIR) are ignored and listed in
 `meta["ignored_files"]`; a CT image file without its pixels (truncated) is an error. The images
 must form exactly ONE series (SeriesInstanceUID; a folder mixing several is refused, listing
-them) of at least two single-frame CT slices (Modality 'CT') with identical orientation, pixel
+them, unless `read_volume(uri, series_uid=...)` names the one to read: then only the header
+of each other file is read, and the other series' files are counted in `meta
+["other_series_files"]`) of at least two single-frame CT slices (Modality 'CT') with identical orientation, pixel
 spacing and size, and rescale tags (or a Modality LUT). Slices are ordered by
 ImagePositionPatient projected on the slice normal (row x column cosines), never by file name
 or InstanceNumber. Every slice must lie within `SLICE_TOLERANCE` of a slice step of where the
@@ -32,13 +34,19 @@ volume is |det(affine)|. HU = RescaleSlope * stored + RescaleIntercept (or the M
 voxels whose STORED value is the PixelPaddingValue (or within the padding range) become air,
 `AIR_HU` = -1000 HU, rather than an out-of-range value such as -3024 HU. Compressed transfer
 syntaxes (JPEG 2000, JPEG-LS, JPEG, RLE, deflate) are decoded by pydicom's pixel-data plugins
-(pylibjpeg-openjpeg, pylibjpeg-libjpeg, pylibjpeg-rle).
+(pylibjpeg-openjpeg, pylibjpeg-libjpeg, pylibjpeg-rle). `meta["slice_uris"]` and
+`meta["sop_instance_uids"]` name the source instance of each k (what a DICOM SEG references).
+
+Error messages never quote file content (a reader pointed at a secret must not copy it into
+a row): foreign exception texts go through `safe_reason`, header values are shown only when
+they are well-formed codes or UIDs.
 """
 
 from __future__ import annotations
 
 import gzip
 import posixpath
+import re
 import warnings
 import zlib
 from collections import Counter
@@ -51,6 +59,7 @@ import numpy as np
 import pydicom
 from pydicom import uid
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
 from pydicom.pixels import apply_modality_lut
 
 from resdsn_ray import storage
@@ -66,6 +75,21 @@ DUPLICATE_MM = 0.01
 """Slices closer than this along the normal are duplicates."""
 _GZIP_SLACK = 1 << 20  # decompressed bytes tolerated past what the header describes
 _NIFTI_PEEK = 544  # enough for a NIfTI-1 (348) or NIfTI-2 (540) header
+HEADER_PREFIX = 16 << 10
+"""Bytes first read of a DICOM file for its header; grown eightfold until the header fits."""
+_QUOTED = re.compile(r"b?'[^']*'|b?\"[^\"]*\"")
+_REASON_CHARS = 300
+
+
+def safe_reason(exc: BaseException) -> str:
+    """`Type: message` of a foreign exception with every quoted value replaced by `<...>`.
+
+    Parsers quote what they could not parse (`could not convert string to float: 'root:x:0'`,
+    gzip's `Not a gzipped file (b'ro')`): that would copy file content into an error row.
+    """
+    text = _QUOTED.sub("<...>", str(exc)).replace("\n", " ")
+    text = " ".join(text.split())[:_REASON_CHARS]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @dataclass
@@ -107,8 +131,12 @@ def check_same_grid(label: Volume, image_shape: tuple[int, ...], image_affine: n
 # Reading
 
 
-def read_volume(uri: str) -> Volume:
-    """Read a NIfTI file or a DICOM series folder at `uri` (path, file://, s3://, any fsspec URL)."""
+def read_volume(uri: str, series_uid: str | None = None) -> Volume:
+    """Read a NIfTI file or a DICOM series folder at `uri` (path, file://, s3://, any fsspec URL).
+
+    `series_uid` picks one series of a folder that holds several (what `archive` lists as a
+    case); with it, a NIfTI file or a folder without that series is refused.
+    """
     uri = str(uri)
     try:
         fs, path = storage.filesystem(uri)
@@ -118,17 +146,19 @@ def read_volume(uri: str) -> Volume:
     except (MemoryError, InputError):
         raise
     except Exception as exc:
-        raise InputError(uri, f"cannot access: {type(exc).__name__}: {exc}") from exc
+        raise InputError(uri, f"cannot access: {safe_reason(exc)}") from exc
     if is_dir:
-        return _read_dicom_series(uri, fs, path)
+        return _read_dicom_series(uri, fs, path, series_uid)
     if not is_file:
         raise InputError(uri, "does not exist")
+    if series_uid:
+        raise InputError(uri, f"a file, not a DICOM series folder holding series {shown_uid(series_uid)}")
     try:
         data = storage.read_bytes(uri)
     except MemoryError:
         raise
     except Exception as exc:
-        raise InputError(uri, f"cannot read: {type(exc).__name__}: {exc}") from exc
+        raise InputError(uri, f"cannot read: {safe_reason(exc)}") from exc
     return _read_nifti(uri, data)
 
 
@@ -159,9 +189,9 @@ def _read_nifti(uri: str, data: bytes) -> Volume:
     except (MemoryError, InputError):
         raise
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise InputError(uri, f"corrupt or truncated gzip stream: {exc}") from exc
+        raise InputError(uri, f"corrupt or truncated gzip stream: {safe_reason(exc)}") from exc
     except Exception as exc:
-        raise InputError(uri, f"unreadable NIfTI: {type(exc).__name__}: {exc}") from exc
+        raise InputError(uri, f"unreadable NIfTI: {safe_reason(exc)}") from exc
     _check_affine(uri, affine)
     _check_finite(uri, array)
     hdr = image.header
@@ -197,7 +227,7 @@ def _nifti_class(uri: str, head: bytes) -> type[nib.Nifti1Image]:
         raise InputError(uri, "a NIfTI .hdr/.img pair header; only single-file NIfTI is supported")
     if head[128:132] == b"DICM":
         raise InputError(uri, "a single DICOM file; give the folder holding the whole series")
-    raise InputError(uri, f"not a NIfTI file (wrong magic; starts with {head[:8]!r})")
+    raise InputError(uri, "not a NIfTI file (wrong magic)")
 
 
 def _checked_header(uri: str, header: nib.Nifti1Header) -> tuple[tuple[int, int, int], np.dtype]:
@@ -256,7 +286,7 @@ def _common_meta(fmt: str, array: np.ndarray, affine: np.ndarray, dtype: np.dtyp
 
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_CT_IMAGE_CLASSES = {
+CT_IMAGE_CLASSES = {
     str(uid.CTImageStorage),
     str(uid.EnhancedCTImageStorage),
     str(uid.LegacyConvertedEnhancedCTImageStorage),
@@ -269,34 +299,79 @@ class _Slice:
     ds: Dataset
 
 
-def _read_dicom_series(uri: str, fs: Any, path: str) -> Volume:
+def read_files(fs: Any, paths: list[str], start: int | None = None, end: int | None = None) -> list[bytes]:
+    """The bytes `start:end` of each file, fetched concurrently where the filesystem can.
+
+    Never `fs.cat(list)`: fsspec glob-expands each name, so a folder such as `d09_glob[ab]`
+    would match nothing (or other files).
+    """
+    if not paths:
+        return []
+    blobs = fs.cat_ranges(list(paths), start, end, on_error="return")
+    for blob in blobs:
+        if isinstance(blob, BaseException):
+            raise blob
+    return blobs
+
+
+def _folder_files(uri: str, fs: Any, path: str) -> tuple[list[dict[str, Any]], int]:
+    """The visible files of a folder (fsspec entries, by name) and its count of subfolders."""
     try:
         entries = fs.ls(path, detail=True)
-        names = sorted(
-            entry["name"]
-            for entry in entries
-            if entry.get("type") == "file" and not posixpath.basename(entry["name"]).startswith(".")
-        )
-        blobs = fs.cat(names) if names else {}
     except MemoryError:
         raise
     except Exception as exc:
-        raise InputError(uri, f"cannot read folder: {type(exc).__name__}: {exc}") from exc
-    slices, ignored = [], []
-    for name in names:
+        raise InputError(uri, f"cannot list folder: {safe_reason(exc)}") from exc
+    files = sorted(
+        (e for e in entries if e.get("type") == "file" and not posixpath.basename(e["name"]).startswith(".")),
+        key=lambda e: e["name"],
+    )
+    return files, sum(e.get("type") == "directory" for e in entries)
+
+
+def _read_dicom_series(uri: str, fs: Any, path: str, series_uid: str | None) -> Volume:
+    files, folders = _folder_files(uri, fs, path)
+    names = [e["name"] for e in files]
+    ignored: list[str] = []
+    others = 0
+    if series_uid:  # read whole only the files whose header is of this series (or unreadable)
+        wanted = []
+        for name, head in zip(names, read_dicom_headers(fs, names, [e.get("size") for e in files])):
+            if head is None:
+                ignored.append(posixpath.basename(name))
+            elif isinstance(head, InputError) or str(head.get("SeriesInstanceUID", "")) == series_uid:
+                wanted.append(name)
+            else:
+                others += 1
+        names = wanted
+    try:
+        blobs = read_files(fs, names)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise InputError(uri, f"cannot read folder: {safe_reason(exc)}") from exc
+    slices = []
+    for name, blob in zip(names, blobs):
         file_uri = storage.join(uri, posixpath.basename(name))
-        ds = _parse_dicom(file_uri, blobs.pop(name))
+        ds = _parse_dicom(file_uri, blob)
         if ds is None:
             ignored.append(posixpath.basename(name))
         else:
             slices.append(_Slice(file_uri, ds))
+    del blobs
+    ignored.sort()
+    if series_uid:
+        slices = [s for s in slices if str(s.ds.get("SeriesInstanceUID", "")) == series_uid]
+        if not slices:
+            raise InputError(uri, f"no DICOM image of series {shown_uid(series_uid)} in the folder "
+                                  f"({len(files)} files, {others} of other series)")
     if not slices:
-        folders = sum(entry.get("type") == "directory" for entry in entries)
-        raise InputError(uri, f"no DICOM image files in the folder ({len(names)} files, {folders} subfolders)")
+        raise InputError(uri, f"no DICOM image files in the folder ({len(files)} files, {folders} subfolders)")
     series = Counter(str(s.ds.get("SeriesInstanceUID", "")) for s in slices)
     if len(series) > 1:
-        listing = ", ".join(f"{key or '<none>'} ({n} files)" for key, n in series.most_common())
-        raise InputError(uri, f"holds {len(series)} DICOM series: {listing}; a folder must hold exactly one")
+        listing = ", ".join(f"{shown_uid(key)} ({n} files)" for key, n in series.most_common())
+        raise InputError(uri, f"holds {len(series)} DICOM series: {listing}; a folder must hold exactly one "
+                              "(or name the series to read)")
     for s in slices:
         _check_slice(s)
     if len(slices) < 2:
@@ -367,6 +442,8 @@ def _read_dicom_series(uri: str, fs: Any, path: str) -> Volume:
         | {
             "modality": str(ds.Modality),
             "series_uid": str(ds.SeriesInstanceUID),
+            "slice_uris": [s.uri for s in slices],
+            "sop_instance_uids": [str(s.ds.get("SOPInstanceUID", "")) for s in slices],
             "study_uid": str(ds.get("StudyInstanceUID", "")) or None,
             "rescale_slope": float(slope) if slope is not None else None,
             "rescale_intercept": float(inter) if inter is not None else None,
@@ -376,10 +453,81 @@ def _read_dicom_series(uri: str, fs: Any, path: str) -> Volume:
             "padded_voxels": padded,
             "slice_gap_mm": slice_gap,
             "gantry_tilt_deg": tilt,
-            "n_files": len(names),
+            "n_files": len(files),
             "ignored_files": ignored,
+            "other_series_files": others,
         },
     )
+
+
+def _header_complete(tag: Any, vr: Any, length: Any, last_group: int) -> bool:
+    return tag.group > last_group or tag.group == 0x0004  # 0004: a DICOMDIR's directory records
+
+
+def read_dicom_headers(
+    fs: Any, paths: list[str], sizes: list[int | None], last_group: int = 0x0020
+) -> list[Dataset | InputError | None]:
+    """The header of each file up to `last_group` (default: identity, series and position), from
+    a bounded prefix: `HEADER_PREFIX` bytes, grown eightfold while the header runs past it.
+
+    Per file: a Dataset (no pixel data, `file_meta` set), None when it is not DICOM, or an
+    InputError when it cannot be read or has the DICM preamble but an unparseable header.
+    """
+    out: list[Dataset | InputError | None] = [None] * len(paths)
+    todo = list(range(len(paths)))
+    length = HEADER_PREFIX
+    while todo:
+        blobs = fs.cat_ranges([paths[i] for i in todo], 0, length, on_error="return")
+        more = []
+        for i, blob in zip(todo, blobs):
+            if isinstance(blob, MemoryError):
+                raise blob
+            if isinstance(blob, BaseException):
+                out[i] = InputError(paths[i], f"cannot read: {safe_reason(blob)}")
+                continue
+            whole = len(blob) < length or (sizes[i] is not None and len(blob) >= sizes[i])
+            head = _parse_header(paths[i], blob, whole, last_group)
+            if head is _MORE:
+                more.append(i)
+            else:
+                out[i] = head  # type: ignore[assignment]
+        todo, length = more, length * 8
+    return out
+
+
+_MORE = object()
+
+
+def _parse_header(path: str, blob: bytes, whole: bool, last_group: int) -> Dataset | InputError | None | object:
+    """One header from the first bytes of a file; `_MORE` when they end before the header does.
+
+    Only a file with the DICM preamble is read further: a large file without it (an archive, a
+    video) is judged on its first bytes rather than downloaded whole.
+    """
+    marked = blob[128:132] == b"DICM"
+    whole = whole or not marked
+    stream = BytesIO(blob)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_partial(
+                stream, stop_when=lambda *a: _header_complete(*a, last_group), force=not marked
+            )
+            stopped = stream.tell() < len(blob)
+            for element in ds:  # deferred values: a cut inside one raises here, not at read
+                _ = element.value
+    except MemoryError:
+        raise
+    except Exception as exc:
+        if not whole:
+            return _MORE
+        return InputError(path, f"unreadable DICOM header: {safe_reason(exc)}") if marked else None
+    if not (stopped or whole):
+        return _MORE
+    meta = getattr(ds, "file_meta", None) or Dataset()
+    if meta.get("MediaStorageSOPClassUID") or "SOPClassUID" in ds or ("Modality" in ds and "SeriesInstanceUID" in ds):
+        return ds
+    return InputError(path, "DICOM preamble without a readable header") if marked else None
 
 
 def _parse_dicom(file_uri: str, blob: bytes) -> Dataset | None:
@@ -399,25 +547,31 @@ def _parse_dicom(file_uri: str, blob: bytes) -> Dataset | None:
             has_pixels = any(keyword in ds for keyword in _PIXEL_KEYWORDS)
             meta = getattr(ds, "file_meta", None) or Dataset()
             sop_class = str(meta.get("MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
-            claims_image = sop_class in _CT_IMAGE_CLASSES or "Rows" in ds
+            claims_image = sop_class in CT_IMAGE_CLASSES or "Rows" in ds
     except MemoryError:
         raise
     except Exception as exc:
         if marked:
-            raise InputError(file_uri, f"unreadable DICOM: {type(exc).__name__}: {exc}") from exc
+            raise InputError(file_uri, f"unreadable DICOM: {safe_reason(exc)}") from exc
         return None
     if has_pixels:
-        return ds
+        return None if is_localizer(ds) else ds
     if marked and (claims_image or not sop_class):
         raise InputError(file_uri, "DICOM image without pixel data (a truncated file?)")
     return None
+
+
+def is_localizer(ds: Dataset) -> bool:
+    """A scout image (ImageType LOCALIZER): never a slice of a volume, even in the volume's series."""
+    value = ds.get("ImageType") or []
+    return "LOCALIZER" in [str(v).upper() for v in ([value] if isinstance(value, str) else value)]
 
 
 def _check_slice(s: _Slice) -> None:
     ds = s.ds
     modality = str(ds.get("Modality", ""))
     if modality != "CT":
-        raise InputError(s.uri, f"modality is {modality or 'missing'!r}; only CT is supported")
+        raise InputError(s.uri, f"modality is {shown_code(modality)}; only CT is supported")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise InputError(s.uri, "multi-frame (enhanced) DICOM is not supported; give a series of single-frame slices")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
@@ -446,9 +600,9 @@ def _floats(s: _Slice, tag: str, count: int) -> np.ndarray:
     try:
         values = np.array([float(v) for v in s.ds[tag].value], dtype=np.float64)
     except Exception as exc:
-        raise InputError(s.uri, f"unreadable {tag}: {exc}") from exc
+        raise InputError(s.uri, f"unreadable {tag}: {safe_reason(exc)}") from exc
     if values.shape != (count,) or not np.all(np.isfinite(values)):
-        raise InputError(s.uri, f"{tag} must hold {count} finite numbers, not {s.ds[tag].value!r}")
+        raise InputError(s.uri, f"{tag} must hold {count} finite numbers (holds {values.size})")
     return values
 
 
@@ -465,7 +619,7 @@ def _slice_hu(s: _Slice, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     except Exception as exc:
         syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
         name = getattr(syntax, "name", syntax)
-        raise InputError(s.uri, f"cannot decode pixel data ({name}): {type(exc).__name__}: {exc}") from exc
+        raise InputError(s.uri, f"cannot decode pixel data ({name}): {safe_reason(exc)}") from exc
     if stored.shape != (rows, cols):
         raise InputError(s.uri, f"pixel data has shape {stored.shape}, the header says {(rows, cols)}")
     pad = np.zeros(stored.shape, dtype=bool)
@@ -501,6 +655,20 @@ def _stored_dtype(s: _Slice) -> np.dtype:
 
 def _name(s: _Slice) -> str:
     return posixpath.basename(s.uri.replace("\\", "/"))
+
+
+_CODE = re.compile(r"[A-Z0-9 _]{1,16}")
+_UID = re.compile(r"[0-9.]{1,64}")
+
+
+def shown_code(value: str) -> str:
+    """A header code string (CS) as shown in a message: quoted when well-formed, never raw bytes."""
+    return repr(value) if _CODE.fullmatch(value) else "missing" if not value else "not a valid code"
+
+
+def shown_uid(value: str) -> str:
+    """A UID as shown in a message: itself when well-formed, never raw bytes."""
+    return value if _UID.fullmatch(value) else "<none>" if not value else "<malformed UID>"
 
 
 # ---------------------------------------------------------------------------------------------
