@@ -31,13 +31,13 @@ import torch
 from resdsn_ray import storage
 from resdsn_ray.archive import list_cases
 from resdsn_ray.bundle import CONFIG_FILE, demo_bundle_uri, load_bundle, save_bundle
-from resdsn_ray.config import EngineConfig, ModelConfig, WindowConfig
+from resdsn_ray.config import ArchiveJob, EngineConfig, ModelConfig, Resources, WindowConfig
 from resdsn_ray.engine import CoarseToFine
-from resdsn_ray.volumes import read_volume, write_mask
 from resdsn_ray.metrics import case_metrics
 from resdsn_ray.model import build_model
-from resdsn_ray.pipeline import ArchiveJob, Resources, run_archive
+from resdsn_ray.pipeline import run_archive
 from resdsn_ray.synthetic import write_archive
+from resdsn_ray.volumes import read_volume, write_mask
 
 
 def pss_bytes(pid: int) -> int:

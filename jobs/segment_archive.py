@@ -1,12 +1,11 @@
 """`ray job submit --working-dir . -- python jobs/segment_archive.py [--input URI --output URI ...]`.
 
-With no flags it builds a small synthetic archive under ./demo-output, starts a local Ray,
-segments it with the shipped demo bundles and prints the summary. See resdsn_ray.pipeline.
+Exactly `resdsn archive` (same flags); with no flags, the demo. See resdsn_ray/pipeline.py.
 """
 
 import sys
 
-from resdsn_ray.pipeline import main
+from resdsn_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["archive", *sys.argv[1:]]))

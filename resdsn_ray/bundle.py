@@ -7,7 +7,6 @@ unpickles arbitrary objects (unlike `torch.load` of a pickled state dict).
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,14 +68,14 @@ def save_bundle(
         "provenance": provenance or {},
     }
     storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights)
-    storage.write_text(storage.join(uri, CONFIG_FILE), json.dumps(config, indent=2, sort_keys=True))
+    storage.write_json(storage.join(uri, CONFIG_FILE), config)
     return bundle_id
 
 
 def load_bundle(uri: str, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle's network in eval mode on `device`; a bad bundle raises InputError."""
     try:
-        config = json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE)))
+        config = storage.read_json(storage.join(uri, CONFIG_FILE))
         weights = storage.read_bytes(storage.join(uri, WEIGHTS_FILE))
     except FileNotFoundError as err:
         raise InputError(uri, f"not a model bundle ({CONFIG_FILE} or {WEIGHTS_FILE} missing)") from err

@@ -1,50 +1,69 @@
-"""The `resdsn` command: one sub-command per user task (see README)."""
+"""The `resdsn` command: one sub-command per user task (see README). The top floor: nothing in
+the package imports it; it imports the Ray layers only inside the commands that need them, so
+`resdsn segment` runs on a box with torch but no Ray.
+
+Every flag takes its default and choices from the settings classes in `config` (`flags`);
+a bad value is refused by name with exit code 2, as is any bad input (`InputError`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from resdsn_ray.config import MODES
-from resdsn_ray.cv import add_cv_flags, run_cv_command
+from resdsn_ray import storage
+from resdsn_ray.config import (
+    DEMO_ENGINE,
+    STAGES,
+    STATUS_ERROR,
+    ArchiveJob,
+    CVJob,
+    EngineConfig,
+    Resources,
+    TrainConfig,
+    choices,
+)
 from resdsn_ray.errors import InputError
-from resdsn_ray.training import add_train_flags
+from resdsn_ray.flags import option, settings
+from resdsn_ray.query import FORMATS, SUMMARY_BY
+
+DEMO_DIR = "demo-output"
+DEMO_CASES = 6
 
 
-def add_engine_flags(parser: argparse.ArgumentParser, bundles: bool = True) -> None:
-    """Engine settings shared by `segment`, the archive job and (without bundles and mode) `cv`."""
-    if bundles:
-        parser.add_argument("--coarse", help="coarse model bundle URI (default: shipped demo bundle)")
-        parser.add_argument("--fine", help="fine model bundle URI (default: shipped demo bundle)")
-        parser.add_argument("--mode", choices=MODES, default="c2f")
-    parser.add_argument("--n-coarse", type=int, default=6, help="coarse windows per axis: floor(L/P) + n")
-    parser.add_argument("--n-fine", type=int, default=12, help="fine windows per axis: floor(L/P) + n")
-    parser.add_argument("--margin", type=int, default=20, help="crop margin around the coarse mask (voxels)")
-    parser.add_argument("--fusion", choices=["average", "vote", "gaussian"], default="average")
-    parser.add_argument("--post-ratio", type=float, default=0.2, help="drop components below this share of the foreground")
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--accumulate-on", choices=["device", "cpu"], default="device", help="where stitched scores live")
+# ------------------------------------------------------------------------------ engine flags
 
 
-def engine_config(args: argparse.Namespace):
-    from resdsn_ray.config import EngineConfig, WindowConfig
+def add_engine_flags(parser: argparse.ArgumentParser, windows_default: str | None = None) -> None:
+    """Engine settings of `segment`, `archive` and `cv`.
 
-    return EngineConfig(
-        coarse=WindowConfig(n=args.n_coarse, fusion=args.fusion, batch_size=args.batch_size),
-        fine=WindowConfig(n=args.n_fine, fusion=args.fusion, batch_size=args.batch_size),
-        margin=args.margin,
-        post_ratio=args.post_ratio,
-        mode=getattr(args, "mode", "c2f"),
-        device=args.device,
-        precision=args.precision,
-        accumulate_on=args.accumulate_on,
-    )
+    `windows_default` names who decides the window counts when `--n-coarse` / `--n-fine` are not
+    given (the demo or a preset); None: the paper's, as flag defaults.
+    """
+    deferred = {"default": None} if windows_default else {}
+    paper = EngineConfig()
+    option(parser, "--n-coarse", EngineConfig, "coarse.n", **deferred,
+           help=f"coarse windows per axis: floor(L/P) + n (paper: {paper.coarse.n}{windows_default or ''})")
+    option(parser, "--n-fine", EngineConfig, "fine.n", **deferred,
+           help=f"fine windows per axis: floor(L/P) + n (paper: {paper.fine.n}{windows_default or ''})")
+    option(parser, "--margin", EngineConfig, "margin", help="crop margin around the coarse mask (voxels)")
+    option(parser, "--fusion", EngineConfig, "coarse.fusion", "fine.fusion", help="how overlapping windows are fused")
+    option(parser, "--post-ratio", EngineConfig, "post_ratio", help="drop components below this share of the foreground")
+    option(parser, "--batch-size", EngineConfig, "coarse.batch_size", "fine.batch_size", help="windows per forward pass")
+    option(parser, "--precision", EngineConfig, "precision", help="arithmetic of the forward passes")
+    option(parser, "--device", EngineConfig, "device", help="auto, cpu, cuda, cuda:1, ...")
+    option(parser, "--accumulate-on", EngineConfig, "accumulate_on", help="where stitched scores live")
+
+
+def add_bundle_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coarse", help="coarse model bundle URI (default: the shipped demo bundle)")
+    parser.add_argument("--fine", help="fine model bundle URI (default: the shipped demo bundle)")
+    option(parser, "--mode", EngineConfig, "mode", help="c2f, or one stage alone (the paper's ablations)")
 
 
 def bundle_uri(given: str | None, stage: str) -> str:
@@ -59,6 +78,9 @@ def bundle_uri(given: str | None, stage: str) -> str:
     return demo
 
 
+# ---------------------------------------------------------------------------------- commands
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from resdsn_ray.synthetic import write_archive
 
@@ -70,15 +92,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from resdsn_ray.bundle import load_bundle
     from resdsn_ray.engine import CoarseToFine
-    from resdsn_ray.volumes import read_volume, write_mask
     from resdsn_ray.metrics import case_metrics
+    from resdsn_ray.volumes import check_same_grid, read_volume, write_mask
 
-    config = engine_config(args)
+    config = settings(args, EngineConfig())
     coarse = load_bundle(bundle_uri(args.coarse, "coarse")) if config.mode != "fine" else None
     fine = load_bundle(bundle_uri(args.fine, "fine")) if config.mode != "coarse" else None
     start = time.perf_counter()
     volume = read_volume(args.image)
     t_read = time.perf_counter() - start
+    reference = read_volume(args.label) if args.label else None
+    if reference is not None:
+        check_same_grid(reference, volume.shape, volume.affine)  # before any work: a bad label is refused up front
     result = CoarseToFine(coarse, fine, config).segment(volume)
     start = time.perf_counter()
     write_mask(args.out, result.mask, like=volume)
@@ -96,10 +121,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         **{f"t_{stage}_s": seconds for stage, seconds in result.timings.items()},
         "t_write_s": t_write,
     }
-    if args.label:
-        reference = read_volume(args.label)
-        if reference.shape != volume.shape:
-            raise InputError(args.label, f"label shape {reference.shape} differs from the image's {volume.shape}")
+    if reference is not None:
         report.update(case_metrics(result.mask > 0, reference.array > 0, volume.spacing))
     for key, value in report.items():
         shown = f"{value:.4f}" if isinstance(value, float) else json.dumps(value) if isinstance(value, list) else value
@@ -107,10 +129,100 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from resdsn_ray.training import run_train
+def cmd_archive(args: argparse.Namespace) -> int:
+    from resdsn_ray import runs
+    from resdsn_ray.pipeline import run_archive, this_runs_cases
+    from resdsn_ray.query import latest, summarise
 
-    return run_train(args)
+    demo = args.input is None
+    engine = settings(args, DEMO_ENGINE if demo else EngineConfig())
+    coarse = bundle_uri(args.coarse, "coarse") if engine.mode != "fine" else None
+    fine = bundle_uri(args.fine, "fine") if engine.mode != "coarse" else None
+    source, output = args.input, args.output
+    if demo:
+        source, output = _demo_archive(args.demo_dir, args.demo_cases), output or storage.join(args.demo_dir, "run")
+        print(f"demo: windows n = {engine.coarse.n} (coarse) / {engine.fine.n} (fine); the paper's are "
+              f"{EngineConfig().coarse.n} / {EngineConfig().fine.n}", flush=True)
+    if output is None:
+        raise InputError("--output", "required with --input")
+    job = settings(args, ArchiveJob(input=source, output=output, coarse=coarse, fine=fine, engine=engine,
+                                    resources=settings(args, Resources())))
+    result = run_archive(job, say=lambda line: print(line, flush=True))
+    current = latest(this_runs_cases(runs.read_rows(output), result.rows, engine.mode))
+    print(f"\nmasks: {runs.masks_uri(output, engine.mode)}\nrows:  {runs.metrics_uri(output, result.run_id)}\n"
+          f"run:   {runs.run_record_uri(output, result.run_id)}\n")
+    print(summarise(runs.row_table(current), output).text(), flush=True)
+    for row in current:
+        if row["status"] == STATUS_ERROR:
+            print(f"error {row['case_id']!r}: {row['error']}", flush=True)
+    return 0
+
+
+def _demo_archive(folder: str, cases: int) -> str:
+    """The demo's synthetic archive (written once, reused by later demo runs)."""
+    from resdsn_ray.synthetic import write_archive
+
+    archive = storage.join(folder, "archive")
+    if not storage.exists(storage.join(archive, "dataset.json")):
+        print(f"writing a synthetic archive of {cases} cases to {archive}", flush=True)
+        write_archive(archive, cases=cases, seed=0)
+    return archive
+
+
+def _recipe(args: argparse.Namespace, stage: str) -> TrainConfig:
+    from resdsn_ray.recipes import JHMI_ITERATIONS, preset_config
+
+    iterations = args.iterations or (JHMI_ITERATIONS if getattr(args, "jhmi", False) else None)
+    overrides = {name: getattr(args, dest, None) for dest, name in _RECIPE_FLAGS.items()}
+    return preset_config(args.preset, stage, **overrides, iterations=iterations)
+
+
+# Flag dest -> the recipe field it overrides (None: the preset's value); iterations apart (--jhmi).
+_RECIPE_FLAGS = {name: name for name in ("optimizer", "lr", "seed", "name", "width", "patch", "checkpoint_every",
+                                         "keep_checkpoints", "validate_every", "min_cases")} | {"train_batch_size": "batch_size"}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ray.train import TrainingFailedError
+
+    from resdsn_ray.training import train
+
+    config = _recipe(args, args.stage)
+    val_cases = args.val_cases if args.val_cases is not None else (2 if config.preset == "demo" else 0)
+    try:
+        train(config, args.output, data=args.data, cases_uri=args.cases, val_data=args.val_data, val_cases=val_cases,
+              workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+    except TrainingFailedError as err:
+        print(f"error: training failed: {err}\nrun the same command again to resume from the last checkpoint",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cv_job(args: argparse.Namespace) -> CVJob:
+    """The cross-validation the `cv` flags ask for (the demo preset evaluates with the demo's windows)."""
+    recipes = {stage: _recipe(args, stage) for stage in STAGES}
+    engine = settings(args, DEMO_ENGINE if args.preset == "demo" else EngineConfig())
+    return settings(args, CVJob(data=args.data, output=args.output, train=recipes, engine=engine))
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from resdsn_ray import runs
+    from resdsn_ray.cv import CV_RECORD, SPLITS_FILE, run_cv
+    from resdsn_ray.query import summary
+
+    result = run_cv(cv_job(args), say=lambda line: print(line, flush=True))
+    output = storage.absolute(args.output)
+    print(f"\nsplits: {storage.join(output, SPLITS_FILE)}\nrecord: {storage.join(output, CV_RECORD)}\n"
+          f"rows:   {runs.metrics_uri(output)} (run ids {result.cv_id}-*)\n"
+          f"more:   resdsn metrics summary {output} --run {result.cv_id} --by fold; resdsn report {output}\n", flush=True)
+    if storage.exists(runs.metrics_uri(output)):
+        print(summary(output, run=result.cv_id).text(), flush=True)
+    for fold, reason in sorted(result.failed.items()):
+        print(f"error: fold {fold} failed: {reason}", file=sys.stderr)
+    if result.failed:
+        print("run the same command again to resume the failed folds", file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 def cmd_metrics_summary(args: argparse.Namespace) -> int:
@@ -135,8 +247,107 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------- parsers
+
+
+def add_archive_flags(parser: argparse.ArgumentParser) -> None:
+    """The archive job's flags besides the engine's: input, output, the cluster share, the run."""
+    parser.add_argument("--input", help="archive prefix or manifest (CSV/Parquet/JSONL); none: build the demo archive")
+    parser.add_argument("--output", help=f"output prefix (default with no --input: {DEMO_DIR}/run)")
+    option(parser, "--overwrite", ArchiveJob, "overwrite", help="recompute cases already done under --output")
+    option(parser, "--shape", Resources, "shape",
+           help="whole: one actor pool runs both stages of a case; split: coarse and fine actor pools")
+    option(parser, "--coarse-actors", Resources, "coarse_actors", type=int,
+           help="coarse pool size (the whole pool with --shape whole); default: GPUs / --gpus-per-actor per pool, "
+                "or without GPUs one per CPU (up to 8)")
+    option(parser, "--fine-actors", Resources, "fine_actors", type=int,
+           help="fine pool size (--shape split); default as --coarse-actors")
+    option(parser, "--gpus-per-actor", Resources, "gpus_per_actor", help="GPUs per actor; fractions share a GPU")
+    option(parser, "--cpus-per-actor", Resources, "cpus_per_actor", type=float,
+           help="CPUs reserved per actor (default: 1, less where the nodes have few CPUs)")
+    option(parser, "--task-cpus", Resources, "task_cpus", type=float,
+           help="CPUs reserved per read or finish task (default: 1, less where the nodes have few CPUs)")
+    option(parser, "--read-tasks", Resources, "read_tasks", help="concurrent read/preprocess and write/metrics tasks")
+    option(parser, "--actor-timeout", Resources, "actor_start_timeout_s",
+           help="seconds to wait for the actor pools to start before failing (e.g. no GPU node)")
+    option(parser, "--address", ArchiveJob, "address", type=str,
+           help="Ray cluster address (default: RAY_ADDRESS / the submitting job, else a local Ray)")
+    option(parser, "--run-id", ArchiveJob, "run_id", type=str, help="run id (default: UTC time + random suffix)")
+    option(parser, "--fold", ArchiveJob, "fold", type=int, help="cross-validation fold recorded in every row")
+    option(parser, "--flush-rows", ArchiveJob, "flush_rows", help="write a Parquet part every N rows ...")
+    option(parser, "--flush-seconds", ArchiveJob, "flush_s", help="... or every S seconds, whichever first")
+    option(parser, "--progress-seconds", ArchiveJob, "progress_s", help="progress line interval")
+    parser.add_argument("--demo-dir", default=DEMO_DIR, help="folder of the demo archive and outputs (no --input)")
+    parser.add_argument("--demo-cases", type=int, default=DEMO_CASES, help="cases in the demo archive")
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """Training recipe flags; each overrides the preset's value (paper: Sec. 4.2)."""
+    paper = TrainConfig()
+    parser.add_argument("--preset", choices=choices(TrainConfig, "preset"), default=paper.preset,
+                        help="paper: P=64, width 32, 80,000 iterations; demo: minutes on a CPU")
+    parser.add_argument("--iterations", type=int, help=f"global mini-batches (paper: {paper.iterations:,})")
+    parser.add_argument("--width", type=int, help=f"channels of the first layer (paper: {paper.model.width})")
+    parser.add_argument("--patch", type=int, help=f"patch size P, a multiple of 8 (paper: {paper.model.patch})")
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of `resdsn train` and `jobs/train.py`; the cluster share defaults are `training.train`'s."""
+    from resdsn_ray.recipes import JHMI_ITERATIONS
+    from resdsn_ray.training import train
+
+    paper = TrainConfig()
+    share = inspect.signature(train).parameters
+    parser.add_argument("--stage", choices=STAGES, required=True)
+    parser.add_argument("--data", help="training archive URI (MSD layout, folder or manifest)")
+    parser.add_argument("--cases", help="manifest (CSV/Parquet/JSONL: case_id,image_uri,label_uri) of the training "
+                                        "cases; overrides --data's listing")
+    parser.add_argument("--output", required=True, help="run folder or s3:// URI: checkpoints, run.json, bundle/")
+    add_recipe_flags(parser)
+    parser.add_argument("--jhmi", action="store_true", help=f"JHMI protocol: {JHMI_ITERATIONS:,} iterations")
+    parser.add_argument("--workers", type=int, default=share["workers"].default, help="DDP replicas (Ray Train workers)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); default CPU (gloo)")
+    parser.add_argument("--cpus-per-worker", type=float, default=share["cpus_per_worker"].default,
+                        help="CPUs reserved per worker (fractions allowed)")
+    parser.add_argument("--seed", type=int, help=f"seed of the sampling and initialisation (default {paper.seed})")
+    parser.add_argument("--batch-size", dest="train_batch_size", type=int,
+                        help=f"global mini-batch, split over workers (paper: {paper.batch_size})")
+    parser.add_argument("--optimizer", choices=choices(TrainConfig, "optimizer"), help=f"paper: {paper.optimizer}; demo: adam")
+    parser.add_argument("--lr", type=float, help=f"base learning rate (paper: {paper.lr})")
+    parser.add_argument("--model", dest="name", choices=choices(type(paper.model), "name"), help="network (Table 1)")
+    parser.add_argument("--checkpoint-every", type=int, help="iterations between checkpoints")
+    parser.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept")
+    parser.add_argument("--validate-every", type=int, help="iterations between validations")
+    parser.add_argument("--val-cases", type=int, help="cases held out of the training set for validation (demo: 2, paper: 0)")
+    parser.add_argument("--val-data", help="validation archive or manifest instead of held-out cases")
+    parser.add_argument("--min-cases", type=int, help="refuse to train with fewer readable cases")
+    parser.add_argument("--max-failures", type=int, default=share["max_failures"].default,
+                        help="worker failures survived by restarting from the last checkpoint")
+
+
+def add_cv_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of `resdsn cv` and `jobs/cross_validate.py` (plus the engine's window settings)."""
+    parser.add_argument("--data", required=True, help="labelled archive URI (MSD layout, folder or manifest)")
+    parser.add_argument("--output", required=True, help="CV output prefix (local folder or s3://)")
+    option(parser, "--folds", CVJob, "folds", help="k (paper: 4)")
+    option(parser, "--seed", CVJob, "seed", help="seed of the split and of the trainings")
+    add_recipe_flags(parser)
+    parser.add_argument("--train-batch-size", type=int,
+                        help="global training mini-batch (overrides the preset)")
+    option(parser, "--val-cases", CVJob, "val_cases", help="training cases of each fold held out for validation")
+    option(parser, "--workers-per-trial", CVJob, "workers_per_trial", help="Ray Train workers of each fold's trainings")
+    option(parser, "--gpu", CVJob, "gpu", help="one GPU per training worker and per evaluation actor")
+    option(parser, "--cpus-per-worker", CVJob, "cpus_per_worker", help="CPUs reserved per training worker")
+    option(parser, "--max-concurrent-folds", CVJob, "max_concurrent_folds", type=int,
+           help="default: as many as the cluster has room for")
+    option(parser, "--max-failures", CVJob, "max_failures", help="worker failures each training survives")
+    option(parser, "--address", CVJob, "address", type=str,
+           help="Ray cluster address (default: RAY_ADDRESS / the submitting job, else a local Ray)")
+    add_engine_flags(parser, windows_default="; --preset demo: the demo's")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resdsn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="resdsn", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     synth = commands.add_parser("synth", help="write a synthetic CT archive (MSD layout)")
@@ -150,28 +361,36 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("image", help="NIfTI file or DICOM series folder (path or URI)")
     segment.add_argument("--out", required=True, help="output mask URI (.nii.gz)")
     segment.add_argument("--label", help="reference mask: print metrics")
+    add_bundle_flags(segment)
     add_engine_flags(segment)
     segment.set_defaults(run=cmd_segment)
 
+    archive = commands.add_parser("archive", help="the archive job: segment a whole archive with Ray Data; "
+                                                  "no --input: the demo", description=ARCHIVE_HELP)
+    add_bundle_flags(archive)
+    add_engine_flags(archive, windows_default="; the demo's with no --input")
+    add_archive_flags(archive)
+    archive.set_defaults(run=cmd_archive)
+
     train = commands.add_parser("train", help="train a coarse or fine ResDSN with Ray Train (DDP)")
-    train.set_defaults(run=cmd_train)
     add_train_flags(train)
+    train.set_defaults(run=cmd_train)
 
     cv = commands.add_parser("cv", help="k-fold cross-validation: train and evaluate every fold on the cluster")
-    cv.set_defaults(run=run_cv_command)
     add_cv_flags(cv)
+    cv.set_defaults(run=cmd_cv)
 
     metrics = commands.add_parser("metrics", help="summaries and SQL over an output's metrics rows")
     metrics_commands = metrics.add_subparsers(dest="metrics_command", required=True)
     summary = metrics_commands.add_parser("summary", help="per-method DSC, HD95, NSD and time per case (paper Tables 2, 5)")
     summary.add_argument("output", metavar="OUTPUT_URI")
     summary.add_argument("--run", dest="run_id", help="only runs whose id is or starts with this (a CV id: all its folds)")
-    summary.add_argument("--by", choices=["mode", "fold"], default="mode", help="one line per mode, or per fold and mode")
+    summary.add_argument("--by", choices=SUMMARY_BY, default=SUMMARY_BY[0], help="one line per mode, or per fold and mode")
     summary.set_defaults(run=cmd_metrics_summary)
     sql = metrics_commands.add_parser("query", help="DuckDB SQL over the rows: tables `metrics` (every attempt), `latest`")
     sql.add_argument("output", metavar="OUTPUT_URI")
     sql.add_argument("sql", metavar="SQL")
-    sql.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    sql.add_argument("--format", choices=FORMATS, default=FORMATS[0])
     sql.add_argument("--out", help="write the result to this file or URI instead of stdout (parquet needs it)")
     sql.set_defaults(run=cmd_metrics_query)
 
@@ -181,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--run", dest="run_id", help="only runs whose id is or starts with this")
     report.set_defaults(run=cmd_report)
     return parser
+
+
+ARCHIVE_HELP = """Coarse-to-fine segmentation of a whole archive as one Ray Data stream (resdsn_ray.pipeline).
+With no --input: writes a small synthetic archive under ./demo-output, starts a local Ray, segments it with
+the shipped demo bundles and prints the summary."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,11 @@ Preset = Literal["paper", "demo"]
 Optimizer = Literal["sgd", "adam"]
 Shape = Literal["whole", "split"]
 ModelName = Literal["resdsn", "fresdsn", "sresdsn", "dsn", "res"]
+# A case's status: the engine decides ok / no_organ (the coarse stage found nothing, or the final
+# mask is empty), the archive job adds error and skipped (done by an earlier run).
+Status = Literal["ok", "no_organ", "error", "skipped"]
+STATUS_OK, STATUS_NO_ORGAN, STATUS_ERROR, STATUS_SKIPPED = typing.get_args(Status)
+FINISHED: tuple[Status, ...] = (STATUS_OK, STATUS_NO_ORGAN)
 
 MAX_WIDTH = 256  # a bundle asking for more is refused before anything is allocated
 MAX_PATCH = 512
@@ -129,6 +134,11 @@ class EngineConfig(Settings):
         self.require("margin", self.margin >= 0, "0 or more")
         self.require("post_ratio", 0.0 <= self.post_ratio < 1.0, "in [0, 1)")
         self.require("device", bool(self.device), "a device name (auto, cpu, cuda, cuda:1, ...)")
+
+
+# The demo archive job (and the CV's demo preset) must finish in minutes on a 2-core laptop:
+# fewer overlapping windows than the paper's n = 6 / 12, unless --n-coarse / --n-fine are given.
+DEMO_ENGINE = EngineConfig(coarse=WindowConfig(n=2), fine=WindowConfig(n=4))
 
 
 def mask_settings(engine: EngineConfig) -> dict[str, Any]:

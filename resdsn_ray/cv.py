@@ -32,50 +32,26 @@ For the same reason a fold task whose process dies is retried once by Ray; a fol
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import json
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from resdsn_ray import runs, storage
 from resdsn_ray.archive import Case
 from resdsn_ray.bundle import CONFIG_FILE
-from resdsn_ray.config import EngineConfig, to_dict
+from resdsn_ray.config import STAGES, ArchiveJob, CVJob, Resources, mask_settings, recipe, to_dict
 from resdsn_ray.errors import InputError
-from resdsn_ray.training import BUNDLE_DIR, RECIPE, RUN_RECORD, TrainConfig, train, training_cases
-
-if TYPE_CHECKING:
-    from resdsn_ray.pipeline import Resources
+from resdsn_ray.provenance import provenance, utc_iso
+from resdsn_ray.training import BUNDLE_DIR, RUN_RECORD, train, training_cases
 
 SPLITS_FILE = "splits.json"
 CV_RECORD = "cv.json"
 DONE_FILE = "done.json"
 EVAL_MODES = ("coarse", "fine", "c2f")  # coarse-only, fine-only on the whole volume, C2F
-
-
-@dataclass(frozen=True)
-class CVJob:
-    """One cross-validation run: the archive, the split, the recipes and the cluster share."""
-
-    data: str
-    output: str
-    train: dict[str, TrainConfig]  # the coarse and the fine recipe
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    folds: int = 4
-    seed: int = 0
-    workers_per_trial: int = 1
-    gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_concurrent_folds: int | None = None
-    val_cases: int = 0
-    max_failures: int = 2
-    address: str | None = None
 
 
 def make_splits(case_ids: list[str], folds: int, seed: int) -> list[list[str]]:
@@ -101,7 +77,7 @@ def load_or_make_splits(job: CVJob, cases: list[Case]) -> dict[str, Any]:
     """The split of this CV: read from splits.json when present (verbatim), else made and written."""
     uri = storage.join(job.output, SPLITS_FILE)
     if storage.exists(uri):
-        splits = json.loads(storage.read_bytes(uri))
+        splits = storage.read_json(uri)
         if splits["folds"] != job.folds or splits["seed"] != job.seed:
             raise InputError(uri, f"holds a split with {splits['folds']} folds and seed {splits['seed']}; "
                                   f"resume with those or use a new --output (asked: {job.folds} folds, seed {job.seed})")
@@ -116,7 +92,7 @@ def load_or_make_splits(job: CVJob, cases: list[Case]) -> dict[str, Any]:
         "cases": {cid: {"image_uri": storage.absolute(by_id[cid].image_uri), "label_uri": storage.absolute(by_id[cid].label_uri or "")}
                   for cid in sorted(by_id)},
     }
-    storage.write_text(uri, json.dumps(splits, indent=2) + "\n")
+    storage.write_json(uri, splits)
     return splits
 
 
@@ -147,7 +123,7 @@ def default_concurrency(job: CVJob, cluster: dict[str, float]) -> int:
 
 def eval_resources(job: CVJob) -> Resources:
     """The archive pipeline's resources within one fold's share (its training workers' own)."""
-    from resdsn_ray.pipeline import Resources, fit_cpus
+    from resdsn_ray.cluster import fit_cpus
 
     share = job.workers_per_trial * job.cpus_per_worker
     actors = job.workers_per_trial if job.gpu else max(1, int(share))
@@ -156,26 +132,12 @@ def eval_resources(job: CVJob) -> Resources:
                      cpus_per_actor=actor_cpus, task_cpus=task_cpus, read_tasks=1)
 
 
-def recipe(job: CVJob) -> dict[str, Any]:
-    """What decides the CV's models and masks: the training recipes and the engine's settings
-    (not its device, batch sizes or cadences). A resume must keep them."""
-    engine = to_dict(job.engine)
-    for name in ("device", "accumulate_on", "channels_last", "mode"):
-        engine.pop(name)
-    for stage in ("coarse", "fine"):
-        engine[stage].pop("batch_size")
-    trainings = {stage: {key: to_dict(config)[key] for key in RECIPE} for stage, config in job.train.items()}
-    return {"train": trainings, "engine": engine}
-
-
-def check_resume(record: dict[str, Any], job: CVJob, uri: str) -> None:
-    """InputError when the CV under OUTPUT was started with another recipe."""
-    old, new = record.get("recipe", {}), recipe(job)
-    changed = [f"{part}.{stage}" for part in new for stage in new[part]
-               if json.dumps(old.get(part, {}).get(stage), sort_keys=True) != json.dumps(new[part][stage], sort_keys=True)]
-    if changed:
-        raise InputError(uri, f"holds a cross-validation with other settings ({', '.join(changed)}); "
-                              "resume with the same ones or use a new --output")
+def cv_recipe(job: CVJob) -> dict[str, Any]:
+    """What decides the CV's models and masks: each stage's training recipe and what decides a
+    mask (`config.mask_settings`; the mode varies by evaluation). A resume must keep them."""
+    engine = mask_settings(job.engine)
+    engine.pop("mode")
+    return {"train": {stage: recipe(config) for stage, config in job.train.items()}, "engine": engine}
 
 
 def trained_bundle(run_output: str) -> str | None:
@@ -183,21 +145,21 @@ def trained_bundle(run_output: str) -> str | None:
     record_uri = storage.join(run_output, RUN_RECORD)
     bundle = storage.join(run_output, BUNDLE_DIR)
     if storage.exists(record_uri) and storage.exists(storage.join(bundle, CONFIG_FILE)):
-        if json.loads(storage.read_bytes(record_uri)).get("status") == "done":
+        if storage.read_json(record_uri).get("status") == "done":
             return bundle
     return None
 
 
 def run_fold(job: CVJob, fold: int, run_prefix: str) -> dict[str, Any]:
     """Train fold `fold`'s two models (unless done) and evaluate its held-out cases in 3 modes."""
-    from resdsn_ray.pipeline import ArchiveJob, run_archive
+    from resdsn_ray.pipeline import run_archive
 
     def say(line: str) -> None:
         print(f"[fold {fold}] {line}", flush=True)
 
     folder = fold_dir(job.output, fold)
     bundles: dict[str, str] = {}
-    for stage in ("coarse", "fine"):
+    for stage in STAGES:
         out = storage.join(folder, stage)
         bundle = trained_bundle(out)
         if bundle is None:
@@ -219,8 +181,8 @@ def run_fold(job: CVJob, fold: int, run_prefix: str) -> dict[str, Any]:
         )
         result = run_archive(archive_job, say=say)
         evaluated[mode] = {"run_id": result.run_id, "counts": result.counts}
-    done = {"fold": fold, "bundles": bundles, "runs": evaluated, "finished_at": runs.utc_now().isoformat()}
-    storage.write_text(storage.join(folder, DONE_FILE), json.dumps(done, indent=2) + "\n")
+    done = {"fold": fold, "bundles": bundles, "runs": evaluated, "finished_at": utc_iso()}
+    storage.write_json(storage.join(folder, DONE_FILE), done)
     return done
 
 
@@ -235,7 +197,7 @@ def run_cv(job: CVJob, say: Callable[[str], None] = print) -> CVResult:
     """Run (or resume) the cross-validation; folds that fail are reported, the others finish."""
     import ray
 
-    from resdsn_ray.pipeline import aws_env, connect
+    from resdsn_ray.cluster import connect, runtime_env
 
     job = replace(job, data=storage.absolute(job.data), output=storage.absolute(job.output))
     cases, rejected = training_cases(job.data, None)
@@ -245,19 +207,19 @@ def run_cv(job: CVJob, say: Callable[[str], None] = print) -> CVResult:
     write_manifests(job.output, splits)
     record_uri = storage.join(job.output, CV_RECORD)
     if storage.exists(record_uri):
-        record = json.loads(storage.read_bytes(record_uri))
-        check_resume(record, job, record_uri)
+        record = storage.read_json(record_uri)
+        runs.check_resume(record_uri, record.get("recipe", {}), cv_recipe(job), "cross-validation")
     else:
         record = {"cv_id": runs.new_run_id(), "data": job.data, "output": job.output, "folds": job.folds, "seed": job.seed,
-                  "created_at": runs.utc_now().isoformat(), "invocations": 0, "recipe": recipe(job)}
+                  "created_at": utc_iso(), "invocations": 0, "recipe": cv_recipe(job)}
     record["invocations"] += 1
     record.update(
         train={stage: to_dict(config) for stage, config in job.train.items()}, engine=to_dict(job.engine),
         workers_per_trial=job.workers_per_trial, gpu=job.gpu, cpus_per_worker=job.cpus_per_worker,
-        rejected=rejected, status="running", sizes=[len(part) for part in splits["splits"]],
+        rejected=rejected, status="running", sizes=[len(part) for part in splits["splits"]], provenance=provenance(),
     )
     run_prefix = f"{record['cv_id']}-r{record['invocations']}"
-    storage.write_text(record_uri, json.dumps(record, indent=2) + "\n")
+    storage.write_json(record_uri, record)
 
     todo = [k for k in range(job.folds) if not storage.exists(storage.join(fold_dir(job.output, k), DONE_FILE))]
     record["fold_state"] = {str(k): "pending" if k in todo else "done" for k in range(job.folds)}
@@ -268,8 +230,7 @@ def run_cv(job: CVJob, say: Callable[[str], None] = print) -> CVResult:
         connect(job.address, dashboard=True)  # Ray Train's placement-group cleaner asks the State API
         limit = default_concurrency(job, ray.cluster_resources())
         say(f"running folds {todo}, at most {limit} at a time")
-        env = {"env_vars": aws_env()} if aws_env() else None
-        task = ray.remote(run_fold).options(num_cpus=0, max_retries=1, runtime_env=env)
+        task = ray.remote(run_fold).options(num_cpus=0, max_retries=1, runtime_env=runtime_env())
         pending = list(todo)
         running: dict[Any, int] = {}
         while pending or running:
@@ -277,7 +238,7 @@ def run_cv(job: CVJob, say: Callable[[str], None] = print) -> CVResult:
                 fold = pending.pop(0)
                 running[task.remote(job, fold, run_prefix)] = fold
                 record["fold_state"][str(fold)] = "running"
-            storage.write_text(record_uri, json.dumps(record, indent=2) + "\n")
+            storage.write_json(record_uri, record)
             ready, _ = ray.wait(list(running), num_returns=1)
             fold = running.pop(ready[0])
             try:
@@ -289,75 +250,6 @@ def run_cv(job: CVJob, say: Callable[[str], None] = print) -> CVResult:
                 failed[fold] = str(cause) if isinstance(cause, InputError) else f"{type(cause).__name__}: {cause}"
                 record["fold_state"][str(fold)] = f"failed: {failed[fold]}"
                 say(f"fold {fold} FAILED: {failed[fold]}")
-    record.update(status="failed" if failed else "finished", ended_at=runs.utc_now().isoformat())
-    storage.write_text(record_uri, json.dumps(record, indent=2) + "\n")
+    record.update(status="failed" if failed else "finished", ended_at=utc_iso())
+    storage.write_json(record_uri, record)
     return CVResult(record["cv_id"], record, failed)
-
-
-
-# ------------------------------------------------------------------------- command line
-
-
-def add_cv_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags of `resdsn cv` and `jobs/cross_validate.py` (plus the engine's window settings)."""
-    from resdsn_ray.cli import add_engine_flags
-    from resdsn_ray.training import PRESETS
-
-    parser.add_argument("--data", required=True, help="labelled archive URI (MSD layout, folder or manifest)")
-    parser.add_argument("--output", required=True, help="CV output prefix (local folder or s3://)")
-    parser.add_argument("--folds", type=int, default=4, help="k (paper: 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and of the trainings")
-    parser.add_argument("--preset", choices=PRESETS, default="paper", help="training recipe of both stages")
-    parser.add_argument("--iterations", type=int, help="training iterations (overrides the preset)")
-    parser.add_argument("--width", type=int, help="network width (overrides the preset)")
-    parser.add_argument("--patch", type=int, help="patch size P (overrides the preset)")
-    parser.add_argument("--train-batch-size", type=int, help="global training mini-batch (overrides the preset)")
-    parser.add_argument("--val-cases", type=int, default=0, help="training cases of each fold held out for validation")
-    parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers of each fold's trainings")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per training worker and per evaluation actor")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per training worker")
-    parser.add_argument("--max-concurrent-folds", type=int, help="default: as many as the cluster has room for")
-    parser.add_argument("--max-failures", type=int, default=2, help="worker failures each training survives")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS / the submitting job, else a local Ray)")
-    add_engine_flags(parser, bundles=False)
-    parser.set_defaults(n_coarse=None, n_fine=None)  # None: the preset's (demo: the demo job's lighter n)
-
-
-def job_from_args(args: argparse.Namespace) -> CVJob:
-    from resdsn_ray.cli import engine_config
-    from resdsn_ray.pipeline import DEMO_N_COARSE, DEMO_N_FINE
-    from resdsn_ray.training import preset_config
-
-    if args.n_coarse is None:  # the demo recipe evaluates with the demo job's lighter windows
-        args.n_coarse = DEMO_N_COARSE if args.preset == "demo" else EngineConfig().coarse.n
-    if args.n_fine is None:
-        args.n_fine = DEMO_N_FINE if args.preset == "demo" else EngineConfig().fine.n
-    recipes = {
-        stage: preset_config(args.preset, stage, iterations=args.iterations, width=args.width, patch=args.patch,
-                             batch_size=args.train_batch_size, seed=args.seed)
-        for stage in ("coarse", "fine")
-    }
-    return CVJob(
-        data=args.data, output=args.output, train=recipes, engine=engine_config(args), folds=args.folds, seed=args.seed,
-        workers_per_trial=args.workers_per_trial, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-        max_concurrent_folds=args.max_concurrent_folds, val_cases=args.val_cases, max_failures=args.max_failures,
-        address=args.address,
-    )
-
-
-def run_cv_command(args: argparse.Namespace) -> int:
-    """`resdsn cv`: 0 when every fold finished, 1 when some failed (rerun resumes them)."""
-    from resdsn_ray.query import summary
-
-    result = run_cv(job_from_args(args), say=lambda line: print(line, flush=True))
-    output = storage.absolute(args.output)
-    print(f"\nsplits: {storage.join(output, SPLITS_FILE)}\nrecord: {storage.join(output, CV_RECORD)}\n"
-          f"rows:   {runs.metrics_uri(output)} (run ids {result.cv_id}-*)\n"
-          f"more:   resdsn metrics summary {output} --run {result.cv_id} --by fold; resdsn report {output}\n", flush=True)
-    if storage.exists(runs.metrics_uri(output)):
-        print(summary(output, run=result.cv_id).text(), flush=True)
-    for fold, reason in sorted(result.failed.items()):
-        print(f"error: fold {fold} failed: {reason}", file=sys.stderr)
-    if result.failed:
-        print("run the same command again to resume the failed folds", file=sys.stderr)
-    return 1 if result.failed else 0

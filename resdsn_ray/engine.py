@@ -20,14 +20,11 @@ import numpy as np
 import torch
 
 from resdsn_ray.bundle import Bundle
-from resdsn_ray.config import EngineConfig, PreprocessConfig, WindowConfig
-from resdsn_ray.volumes import Volume
+from resdsn_ray.config import STATUS_NO_ORGAN, STATUS_OK, EngineConfig, PreprocessConfig, WindowConfig
 from resdsn_ray.postprocess import remove_small_components
 from resdsn_ray.preprocess import preprocess
+from resdsn_ray.volumes import Volume
 from resdsn_ray.windows import Box, bounding_box, decrop, plan_windows, sliding_window_inference
-
-STATUS_OK = "ok"
-STATUS_NO_ORGAN = "no_organ"
 
 
 @dataclass

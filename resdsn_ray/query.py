@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from resdsn_ray import runs, storage
+from resdsn_ray import config, runs, storage
 from resdsn_ray.config import MODES
 from resdsn_ray.errors import InputError
 
@@ -40,15 +40,15 @@ SELECT * EXCLUDE (_rank) FROM (
         PARTITION BY case_id, mode
         ORDER BY finished_at DESC NULLS LAST, attempt DESC NULLS LAST, run_id DESC
     ) AS _rank
-    FROM metrics WHERE status <> '{runs.STATUS_SKIPPED}'
+    FROM metrics WHERE status <> '{config.STATUS_SKIPPED}'
 ) WHERE _rank = 1
 """
 
-_FINISHED = "status IN ({})".format(", ".join(f"'{s}'" for s in runs.FINISHED))
+_FINISHED = "status IN ({})".format(", ".join(f"'{s}'" for s in config.FINISHED))
 # Skipped rows count once per (case, mode): a case a run reused instead of recomputing.
 _SUMMARY_SQL = f"""
 WITH skipped AS (
-    SELECT DISTINCT ON (case_id, mode) * FROM metrics WHERE status = '{runs.STATUS_SKIPPED}'
+    SELECT DISTINCT ON (case_id, mode) * FROM metrics WHERE status = '{config.STATUS_SKIPPED}'
 ), considered AS (
     SELECT * FROM latest UNION ALL BY NAME SELECT * FROM skipped
 )
@@ -62,10 +62,10 @@ SELECT mode, {{fold}} AS fold,
     avg(hd95_mm) FILTER ({_FINISHED}) AS hd95_mean,
     avg(nsd_2mm) FILTER ({_FINISHED}) AS nsd_mean,
     avg(t_total_s) FILTER ({_FINISHED}) AS time_mean,
-    count(*) FILTER (status = '{runs.STATUS_OK}') AS ok,
-    count(*) FILTER (status = '{runs.STATUS_NO_ORGAN}') AS no_organ,
-    count(*) FILTER (status = '{runs.STATUS_ERROR}') AS error,
-    count(*) FILTER (status = '{runs.STATUS_SKIPPED}') AS skipped
+    count(*) FILTER (status = '{config.STATUS_OK}') AS ok,
+    count(*) FILTER (status = '{config.STATUS_NO_ORGAN}') AS no_organ,
+    count(*) FILTER (status = '{config.STATUS_ERROR}') AS error,
+    count(*) FILTER (status = '{config.STATUS_SKIPPED}') AS skipped
 FROM considered GROUP BY ALL
 """
 

@@ -34,7 +34,7 @@ import nibabel as nib
 import numpy as np
 from matplotlib.figure import Figure
 
-from resdsn_ray import query, runs, storage
+from resdsn_ray import config, query, runs, storage
 from resdsn_ray.errors import InputError
 from resdsn_ray.volumes import read_volume
 
@@ -111,7 +111,7 @@ def qa_cases(cases: list[dict[str, Any]]) -> tuple[str | None, list[tuple[str, d
 
 
 def _scored(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [c for c in cases if c["dsc"] is not None and c["status"] in runs.FINISHED]
+    return [c for c in cases if c["dsc"] is not None and c["status"] in config.FINISHED]
 
 
 def make_overlay(role: str, row: dict[str, Any]) -> tuple[Overlay, bytes | None]:
@@ -318,7 +318,7 @@ def _cases_section(cases: list[dict[str, Any]], overlays: list[Overlay]) -> str:
 
 
 def _errors_section(cases: list[dict[str, Any]]) -> str:
-    errors = [c for c in cases if c["status"] == runs.STATUS_ERROR]
+    errors = [c for c in cases if c["status"] == config.STATUS_ERROR]
     if not errors:
         return "<h2>Errors</h2>\n<p class=\"note\">none</p>"
     lines = [[_esc(c["case_id"]), _esc(query.cell(c["mode"])), _esc(query.cell(c["run_id"])),

@@ -29,13 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from resdsn_ray import storage
+from resdsn_ray.config import FINISHED, STATUS_SKIPPED
 from resdsn_ray.metrics import METRIC_KEYS
 
-STATUS_OK = "ok"
-STATUS_NO_ORGAN = "no_organ"
-STATUS_ERROR = "error"
-STATUS_SKIPPED = "skipped"
-FINISHED = (STATUS_OK, STATUS_NO_ORGAN)
 TIMING_KEYS = ("t_read_s", "t_preprocess_s", "t_coarse_s", "t_fine_s", "t_post_s", "t_write_s", "t_metrics_s")
 
 _TIME = pa.timestamp("us", tz="UTC")
@@ -190,9 +186,29 @@ class History:
 
 
 def write_run_record(output: str, run_id: str, record: dict[str, Any]) -> None:
-    storage.write_text(run_record_uri(output, run_id), json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    storage.write_json(run_record_uri(output, run_id), record)
 
 
 def read_run_record(output: str, run_id: str) -> dict[str, Any]:
-    return json.loads(storage.read_bytes(run_record_uri(output, run_id)))
+    return storage.read_json(run_record_uri(output, run_id))
 
+
+def check_resume(uri: str, recorded: dict[str, Any], asked: dict[str, Any], what: str) -> None:
+    """Refuse to resume the `what` recorded at `uri` with other settings than it was started with.
+
+    The one resume check (training runs, cross-validations): `recorded` and `asked` are the
+    settings that decide the result (nested dicts are compared key by key); InputError names
+    every setting that differs, dotted (`model.width`, `train.coarse.lr`).
+    """
+    from resdsn_ray.errors import InputError
+
+    def differ(old: Any, new: Any, prefix: str) -> list[str]:
+        if isinstance(old, dict) and isinstance(new, dict):
+            return [name for key in sorted(set(old) | set(new)) for name in differ(old.get(key), new.get(key), f"{prefix}{key}.")]
+        same = json.dumps(old, sort_keys=True, default=str) == json.dumps(new, sort_keys=True, default=str)
+        return [] if same else [prefix.rstrip(".")]
+
+    changed = differ(recorded, asked, "")
+    if changed:
+        raise InputError(uri, f"holds a {what} with other settings ({', '.join(changed)}); "
+                              "resume with the same ones or use a new --output")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,7 +121,7 @@ def write_archive(
         "seed": seed,
         "shape": list(shape),
     }
-    storage.write_text(storage.join(out_uri, "dataset.json"), json.dumps(dataset, indent=2) + "\n")
+    storage.write_json(storage.join(out_uri, "dataset.json"), dataset)
     return written
 
 

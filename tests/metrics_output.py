@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from resdsn_ray import runs
-from resdsn_ray.volumes import Volume, write_mask, write_nifti
+from resdsn_ray import config, runs
 from resdsn_ray.metrics import case_metrics
 from resdsn_ray.synthetic import make_case
+from resdsn_ray.volumes import Volume, write_mask, write_nifti
 
 SHAPE = (64, 64, 32)
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -38,7 +38,7 @@ class Spec:
     """One row to write: case index, status, and the prediction's move/growth (None: empty mask)."""
 
     case: int
-    status: str = runs.STATUS_OK
+    status: str = config.STATUS_OK
     move: tuple[int, int, int] | None = (0, 0, 0)
     labelled: bool = True
     error: str | None = None
@@ -79,9 +79,9 @@ def write_run(output: Path, run_id: str, mode: str, specs: list[Spec], day: int,
             "node": f"node-{'ab'[spec.case % 2]}", "config_id": f"cfg-{mode}",
             "started_at": finished_at - timedelta(seconds=30), "finished_at": finished_at,
         }
-        if spec.status == runs.STATUS_SKIPPED:
+        if spec.status == config.STATUS_SKIPPED:
             row["done_in_run"] = RUN_A
-        elif spec.status in runs.FINISHED:
+        elif spec.status in config.FINISHED:
             pred = prediction(label.array, spec.move)
             write_mask(mask_uri, pred, like=label)
             row.update(mask_uri=mask_uri, t_total_s=10.0 + 1.5 * spec.case + 0.25 * day, t_read_s=0.5)
@@ -98,13 +98,13 @@ def build_output(output: Path) -> Path:
     moves = {0: (1, 0, 0), 1: (0, 1, 1), 2: (2, 1, 0), 3: (0, 0, 0), 5: (1, 2, 0)}
     write_run(output, RUN_A, "c2f", [
         *(Spec(c, move=moves[c]) for c in (0, 1, 2, 3)),
-        Spec(4, status=runs.STATUS_NO_ORGAN, move=None),
-        Spec(5, status=runs.STATUS_ERROR, move=None, error=BAD_READ),
+        Spec(4, status=config.STATUS_NO_ORGAN, move=None),
+        Spec(5, status=config.STATUS_ERROR, move=None, error=BAD_READ),
         Spec(6, labelled=False),
     ], day=0)
     write_run(output, RUN_B, "c2f", [
-        *(Spec(c, status=runs.STATUS_SKIPPED) for c in (0, 1, 2, 3)),
-        Spec(4, status=runs.STATUS_ERROR, move=None, error=OUT_OF_MEMORY),
+        *(Spec(c, status=config.STATUS_SKIPPED) for c in (0, 1, 2, 3)),
+        Spec(4, status=config.STATUS_ERROR, move=None, error=OUT_OF_MEMORY),
         Spec(5, move=moves[5]),
     ], day=1, attempt=2)
     write_run(output, RUN_C, "coarse", [

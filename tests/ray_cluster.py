@@ -70,8 +70,12 @@ def _stop(cluster: Cluster) -> None:
 
 
 @pytest.fixture(scope="session", name="ray_cluster")
-def ray_cluster_fixture(request: pytest.FixtureRequest) -> Cluster:
-    """The session's local two-node cluster (started on first use)."""
+def ray_cluster_fixture(request: pytest.FixtureRequest, s3_server: str) -> Cluster:
+    """The session's local two-node cluster (started on first use).
+
+    Its nodes start inside the S3 server's environment: workers read S3 with the credentials of
+    the node they run on, as on a real cluster (the jobs never ship credentials to them).
+    """
     global _cluster
     if _cluster is None:
         _cluster = _start()

@@ -15,23 +15,22 @@ from pathlib import Path
 import pytest
 from ray_cluster import REPO, Cluster, ray_cluster_fixture, ray_driver_fixture  # noqa: F401  (session fixtures)
 
-from resdsn_ray import runs
+from resdsn_ray import config, runs
 from resdsn_ray.archive import Case, list_cases
+from resdsn_ray.cli import cv_job
+from resdsn_ray.config import CVJob
 from resdsn_ray.cv import (
-    CVJob,
-    check_resume,
+    cv_recipe,
     default_concurrency,
-    job_from_args,
     eval_resources,
     load_or_make_splits,
     make_splits,
-    recipe,
     run_cv,
     write_manifests,
 )
 from resdsn_ray.errors import InputError
+from resdsn_ray.recipes import preset_config
 from resdsn_ray.synthetic import write_archive
-from resdsn_ray.training import preset_config
 
 RECIPES = {stage: preset_config("demo", stage) for stage in ("coarse", "fine")}
 
@@ -70,14 +69,18 @@ def test_a_resume_must_keep_the_recipe_but_may_change_the_cluster_share(tmp_path
 
     from resdsn_ray.config import EngineConfig, WindowConfig
 
-    record = {"recipe": recipe(_job(tmp_path))}
-    check_resume(record, _job(tmp_path, workers_per_trial=4, gpu=True, max_concurrent_folds=2), "cv.json")
-    check_resume(record, _job(tmp_path, engine=EngineConfig(device="cuda", coarse=WindowConfig(batch_size=32))), "cv.json")
+    recorded = cv_recipe(_job(tmp_path))
+
+    def check(job: CVJob) -> None:
+        runs.check_resume("cv.json", recorded, cv_recipe(job), "cross-validation")
+
+    check(_job(tmp_path, workers_per_trial=4, gpu=True, max_concurrent_folds=2))
+    check(_job(tmp_path, engine=EngineConfig(device="cuda", coarse=WindowConfig(batch_size=32))))
     longer = dict(RECIPES, fine=replace(RECIPES["fine"], iterations=5000))
-    with pytest.raises(InputError, match=r"other settings \(train.fine\)"):
-        check_resume(record, _job(tmp_path, train=longer), "cv.json")
-    with pytest.raises(InputError, match=r"engine.margin"):
-        check_resume(record, _job(tmp_path, engine=EngineConfig(margin=5)), "cv.json")
+    with pytest.raises(InputError, match=r"other settings \(train\.fine\.iterations\)"):
+        check(_job(tmp_path, train=longer))
+    with pytest.raises(InputError, match=r"engine\.margin"):
+        check(_job(tmp_path, engine=EngineConfig(margin=5)))
 
 
 def test_fold_manifests_train_on_the_other_folds_and_test_on_their_own(tmp_path: Path):
@@ -166,15 +169,15 @@ def test_two_fold_cv_killed_once_resumes_and_fills_every_fold_and_mode(ray_clust
     folds = json.loads(splits)["splits"]
     rows = runs.read_rows(str(output)).to_pylist()
     assert all(r["run_id"].startswith(record["cv_id"]) for r in rows)
-    finished = Counter((r["case_id"], r["mode"], r["fold"]) for r in rows if r["status"] in runs.FINISHED)
+    finished = Counter((r["case_id"], r["mode"], r["fold"]) for r in rows if r["status"] in config.FINISHED)
     expected = {(case, mode, fold) for fold, held in enumerate(folds) for case in held for mode in ("coarse", "fine", "c2f")}
     assert set(finished) == expected
     assert set(finished.values()) == {1}, "a case segmented before the kill was segmented again"
-    assert all(r["status"] in (*runs.FINISHED, runs.STATUS_SKIPPED) for r in rows), [r["error"] for r in rows]
-    assert any(r["status"] == runs.STATUS_SKIPPED and "-r2-" in r["run_id"] for r in rows)
+    assert all(r["status"] in (*config.FINISHED, config.STATUS_SKIPPED) for r in rows), [r["error"] for r in rows]
+    assert any(r["status"] == config.STATUS_SKIPPED and "-r2-" in r["run_id"] for r in rows)
     for case, mode, _ in expected:
         assert Path(runs.mask_uri(str(output), case, mode)).is_file()
-    assert all(r["dsc"] is not None for r in rows if r["status"] in runs.FINISHED)
+    assert all(r["dsc"] is not None for r in rows if r["status"] in config.FINISHED)
 
 
 def test_cv_command_names_bad_input_before_starting_anything(tmp_path: Path, capsys):
@@ -202,7 +205,7 @@ def test_a_fold_that_cannot_train_fails_alone_and_bad_cases_become_error_rows(ra
         (data / "imagesTr" / f"{case}.nii.gz").write_bytes(b"not a nifti file")
     args = build_parser().parse_args(["cv", "--data", str(data), "--output", str(output), *TINY])
     assert isinstance(args, argparse.Namespace)
-    result = run_cv(job_from_args(args), say=lambda line: None)
+    result = run_cv(cv_job(args), say=lambda line: None)
 
     assert set(result.failed) == {0}, result.failed
     assert result.failed[0].startswith(f"{output}/folds/fold0/train.csv: only 0 usable training case(s)"), result.failed
@@ -213,5 +216,5 @@ def test_a_fold_that_cannot_train_fails_alone_and_bad_cases_become_error_rows(ra
     assert not (output / "folds" / "fold0" / "done.json").exists() and (output / "folds" / "fold1" / "done.json").exists()
     rows = runs.read_rows(str(output)).to_pylist()
     assert {(r["case_id"], r["mode"]) for r in rows} == {(c, m) for c in folds[1] for m in ("coarse", "fine", "c2f")}
-    assert all(r["status"] == runs.STATUS_ERROR and r["fold"] == 1 for r in rows)
+    assert all(r["status"] == config.STATUS_ERROR and r["fold"] == 1 for r in rows)
     assert all(r["case_id"] in r["error"] or "nifti" in r["error"].lower() for r in rows), [r["error"] for r in rows]

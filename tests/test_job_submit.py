@@ -20,12 +20,12 @@ import pytest
 import torch
 from ray_cluster import REPO, Cluster, ray_cluster_fixture  # noqa: F401  (session fixture)
 
-from resdsn_ray import runs, storage
+from resdsn_ray import config, runs, storage
 from resdsn_ray.bundle import save_bundle
 from resdsn_ray.config import ModelConfig
-from resdsn_ray.volumes import read_volume
 from resdsn_ray.model import build_model
 from resdsn_ray.synthetic import write_archive
+from resdsn_ray.volumes import read_volume
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
@@ -105,7 +105,7 @@ def test_killed_job_resubmitted_finishes_without_recomputing_done_cases(ray_clus
             break
         time.sleep(0.5)
     assert "exit code -9" in status, status  # the driver died by our SIGKILL
-    done = {r["case_id"]: r for r in runs.read_rows(output).to_pylist() if r["status"] in runs.FINISHED}
+    done = {r["case_id"]: r for r in runs.read_rows(output).to_pylist() if r["status"] in config.FINISHED}
     assert 1 <= len(done) < CASES, f"{len(done)} of {CASES} cases done when the driver was killed"
     assert runs.read_run_record(output, f"first-{tag}")["status"] == "running"  # never finished
     before = mask_times(output, set(done))
@@ -121,7 +121,7 @@ def test_killed_job_resubmitted_finishes_without_recomputing_done_cases(ray_clus
     assert record["status"] == "finished" and record["counts"].get("skipped") == len(done)
     for case_id in (f"case_{i:04d}" for i in range(CASES)):
         mine = [r for r in rows if r["case_id"] == case_id]
-        finished = [r for r in mine if r["status"] in runs.FINISHED]
+        finished = [r for r in mine if r["status"] in config.FINISHED]
         assert len(finished) == 1, f"{case_id} was segmented {len(finished)} times"  # never recomputed
         if case_id in done:
             skipped = [r for r in mine if r["run_id"] == f"second-{tag}"]
@@ -131,7 +131,7 @@ def test_killed_job_resubmitted_finishes_without_recomputing_done_cases(ray_clus
             assert finished[0]["run_id"] == f"second-{tag}"
     assert mask_times(output, set(done)) == before
 
-    row = next(r for r in rows if r["run_id"] == f"second-{tag}" and r["status"] in runs.FINISHED)
+    row = next(r for r in rows if r["run_id"] == f"second-{tag}" and r["status"] in config.FINISHED)
     mask = nib.Nifti1Image.from_bytes(gzip.decompress(storage.read_bytes(row["mask_uri"])))
     image = read_volume(row["image_uri"])
     assert mask.shape == image.shape

@@ -2,7 +2,7 @@
 
 This process is the Ray driver (`ray_driver`); the archive, the model bundles and all outputs
 live in a bucket on the moto server, reached through AWS_ENDPOINT_URL by every reader and writer
-(the pipeline hands the AWS variables to its workers).
+(workers take S3 credentials from their node).
 """
 
 from __future__ import annotations
@@ -24,24 +24,15 @@ from ray_cluster import ray_cluster_fixture, ray_driver_fixture  # noqa: F401  (
 
 from resdsn_ray import runs, storage
 from resdsn_ray.bundle import CONFIG_FILE, demo_bundle_uri, load_bundle, save_bundle
-from resdsn_ray.config import EngineConfig, ModelConfig, WindowConfig
+from resdsn_ray.cluster import fit_cpus
+from resdsn_ray.config import DEMO_ENGINE, ArchiveJob, EngineConfig, ModelConfig, Resources, WindowConfig
 from resdsn_ray.engine import CoarseToFine
 from resdsn_ray.errors import InputError
-from resdsn_ray.volumes import nifti_bytes, read_volume
 from resdsn_ray.model import build_model
-from resdsn_ray.pipeline import (
-    DEMO_N_COARSE,
-    DEMO_N_FINE,
-    ArchiveJob,
-    Resources,
-    WholeCase,
-    auto_actors,
-    finish_case,
-    fit_cpus,
-    read_case,
-    run_archive,
-)
+from resdsn_ray.pipeline import auto_actors, run_archive
+from resdsn_ray.stages import WholeCase, finish_case, read_case
 from resdsn_ray.synthetic import write_archive
+from resdsn_ray.volumes import nifti_bytes, read_volume
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
@@ -50,7 +41,7 @@ CASES = 3
 # Demo bundles are judged on the demo's own cases and settings; random bundles run small and fast.
 SHAPE = (96, 96, 64) if DEMO else (40, 40, 24)
 # Demo bundles run with the demo job's window settings; random ones with the fewest windows.
-N_COARSE, N_FINE = (DEMO_N_COARSE, DEMO_N_FINE) if DEMO else (1, 1)
+N_COARSE, N_FINE = (DEMO_ENGINE.coarse.n, DEMO_ENGINE.fine.n) if DEMO else (1, 1)
 ENGINE = EngineConfig(coarse=WindowConfig(n=N_COARSE, batch_size=8), fine=WindowConfig(n=N_FINE, batch_size=8), device="cpu")
 RESOURCES = Resources()  # actors and CPU reservations fitted to the session cluster (2 nodes x 1 CPU)
 torch.set_num_threads(1)  # the engine runs in this process too; 2 threads on 2 shared cores crawl
@@ -136,7 +127,8 @@ def test_rows_in_parquet_and_the_run_record_in_s3(whole, bundles):
     record = runs.read_run_record(whole.record["output"], whole.run_id)
     assert record["status"] == "finished" and record["counts"] == whole.counts
     assert record["bundles"]["coarse"] == {"uri": bundles["coarse"], "id": coarse_id}
-    assert {"ray", "torch", "resdsn_ray", "python"} <= set(record["versions"])
+    assert record["provenance"]["resdsn_ray"] and record["provenance"]["python"]
+    assert {"ray", "torch"} <= set(record["provenance"]["libraries"])
     assert record["engine"]["coarse"]["n"] == ENGINE.coarse.n and record["started_at"] < record["ended_at"]
     tops = {k.removeprefix(whole.record["output"] + "/").split("/")[0] for k in keys(whole.record["output"])}
     assert tops == {"masks", "metrics", "runs"}

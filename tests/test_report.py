@@ -15,13 +15,13 @@ import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
+from metrics_output import OUT_OF_MEMORY, SHAPE, Spec, build_output, prediction, write_run
 from scipy import ndimage
 
-from metrics_output import BAD_READ, OUT_OF_MEMORY, SHAPE, Spec, build_output, prediction, write_run
-from resdsn_ray import query, report, runs
+from resdsn_ray import config, query, report
 from resdsn_ray.cli import main
-from resdsn_ray.volumes import read_volume
 from resdsn_ray.synthetic import make_case
+from resdsn_ray.volumes import read_volume
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -164,7 +164,7 @@ def test_report_without_labels_or_with_only_errors(tmp_path: Path) -> None:
     assert "no overlays" in text and "no case has a DSC" in text and "<img" not in text
 
     failed = tmp_path / "failed"
-    write_run(failed, "r1", "coarse", [Spec(1, status=runs.STATUS_ERROR, error="bad <dicom>")], day=0)
+    write_run(failed, "r1", "coarse", [Spec(1, status=config.STATUS_ERROR, error="bad <dicom>")], day=0)
     html_file = tmp_path / "elsewhere" / "failed.html"
     assert main(["report", str(failed), "--html", str(html_file)]) == 0
     page = Page(html_file.read_text())
@@ -267,7 +267,7 @@ def test_report_renders_in_chromium(browser, serve, output: Path, page_file: Pat
         folder, expected_images, expected_png_links = page_file.parent, 5, 8  # + overlay links in the case table
     else:
         failed = tmp_path / "failed"
-        write_run(failed, "r1", "c2f", [Spec(1, status=runs.STATUS_ERROR, error="<img src=x onerror=alert(1)>")], day=0)
+        write_run(failed, "r1", "c2f", [Spec(1, status=config.STATUS_ERROR, error="<img src=x onerror=alert(1)>")], day=0)
         folder, expected_images, expected_png_links = Path(report.build_report(str(failed))).parent, 0, 0
     seen = render_in_chromium(browser, serve(folder), "index.html")
     assert seen["problems"] == [] and seen["outside"] == []

@@ -1,0 +1,230 @@
+"""The per-case stages the archive job runs, as plain functions and classes: testable without
+Ray Data, and the same computation as `engine.CoarseToFine` (`run_stage`, `locate`,
+`segment_prepared`), so every pipeline shape gives the engine's masks.
+
+Each takes and returns one case row (a dict); a failing case becomes an error row, naming the
+stage and the reason, that the later stages pass through. Arrays ride along only between the
+stages that need them:
+
+    read_case (CPU task) -> CoarseStage -> FineStage (actor pools, `split`)
+                         -> WholeCase (one actor pool, `whole`)        -> finish_case (CPU task)
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+import warnings
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from resdsn_ray import runs
+from resdsn_ray.bundle import load_bundle
+from resdsn_ray.config import STATUS_ERROR, STATUS_NO_ORGAN, STATUS_OK, EngineConfig, PreprocessConfig
+from resdsn_ray.engine import CoarseToFine, finish_mask, prepare_inputs
+from resdsn_ray.errors import InputError
+from resdsn_ray.metrics import case_metrics
+from resdsn_ray.volumes import Volume, check_same_grid, read_volume, write_mask
+from resdsn_ray.windows import Box, bounding_box, decrop
+
+EMPTY = np.zeros((0, 0, 0), dtype=np.float32)
+ARRAY_COLUMNS = ("coarse_input", "fine_input", "mask_box")
+
+
+def _failed(row: dict[str, Any], stage: str, err: BaseException) -> dict[str, Any]:
+    reason = str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
+    out = {k: v for k, v in row.items() if not isinstance(v, np.ndarray)}
+    out.update(status=STATUS_ERROR, error=f"{stage}: {reason}")
+    return _with_arrays(out)
+
+
+def _with_arrays(row: dict[str, Any], **arrays: np.ndarray) -> dict[str, Any]:
+    """Every array column present in every row (empty where unused): blocks stay one schema."""
+    for name in ARRAY_COLUMNS:
+        row[name] = arrays.get(name, EMPTY)
+    return row
+
+
+def _node() -> dict[str, str | None]:
+    """This process's host, and its Ray node when it runs as a Ray worker (no Ray import here)."""
+    ray = sys.modules.get("ray")
+    node_id = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+    return {"node": socket.gethostname(), "node_id": node_id}
+
+
+def _quiet_numpy_views() -> None:
+    # Arrays from the object store are read-only views; torch warns when it wraps them.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def read_case(row: dict[str, Any], coarse: PreprocessConfig | None, fine: PreprocessConfig | None) -> dict[str, Any]:
+    """CPU task: decode the image and preprocess it for each stage's bundle."""
+    row = dict(row, started_at=time.time())
+    try:
+        start = time.perf_counter()
+        volume = read_volume(row["image_uri"])
+        row["t_read_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        coarse_input, fine_input = prepare_inputs(volume.array, coarse, fine)
+        row["t_preprocess_s"] = time.perf_counter() - start
+    except Exception as err:  # noqa: BLE001  any failure of one case is that case's error row
+        return _failed(row, "read", err)
+    shared = coarse_input is fine_input
+    row.update(
+        shape=list(volume.shape),
+        spacing_mm=list(volume.spacing),
+        affine=volume.affine.astype(np.float64).ravel().tolist(),
+        shared_input=shared,
+    )
+    return _with_arrays(
+        row,
+        coarse_input=coarse_input if coarse_input is not None else EMPTY,
+        fine_input=EMPTY if shared or fine_input is None else fine_input,
+    )
+
+
+class _Stage:
+    """An actor holding loaded bundles: the model loads once per actor, not once per case."""
+
+    def __init__(self, coarse: str | None, fine: str | None, engine: EngineConfig, threads: int) -> None:
+        _quiet_numpy_views()
+        torch.set_num_threads(max(1, threads))
+        self.engine = CoarseToFine(
+            load_bundle(coarse) if coarse else None, load_bundle(fine) if fine else None, engine
+        )
+        self.node = _node()
+
+
+class CoarseStage(_Stage):
+    """COARSE on the device: windows over the whole volume -> mask -> crop box -> cropped input."""
+
+    def __init__(self, coarse: str, engine: EngineConfig, threads: int = 1) -> None:
+        super().__init__(coarse, None, replace(engine, mode="coarse"), threads)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        if row.get("status") == STATUS_ERROR:
+            return row
+        try:
+            image = row["coarse_input"]
+            mask, row["coarse_windows"], row["t_coarse_s"] = self.engine.run_stage("coarse", image)
+            start = time.perf_counter()
+            box = self.engine.locate(mask)
+            row["t_post_s"] = time.perf_counter() - start
+        except Exception as err:  # noqa: BLE001  (one case's failure is its error row)
+            return _failed(row, "coarse", err)
+        source = image if row["shared_input"] else row["fine_input"]
+        row.update(self.node)
+        if box is None:
+            row.update(status=STATUS_NO_ORGAN, coarse_bbox=None)
+            return _with_arrays(row)
+        row["coarse_bbox"] = box.to_list()
+        # Only the crop travels on, as the fine pool's input.
+        return _with_arrays(row, fine_input=np.ascontiguousarray(source[box.slices]))
+
+
+class FineStage(_Stage):
+    """FINE on the device: windows over the cropped sub-volume -> its mask."""
+
+    def __init__(self, fine: str, engine: EngineConfig, threads: int = 1) -> None:
+        super().__init__(None, fine, replace(engine, mode="fine"), threads)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        if row.get("status") in (STATUS_ERROR, STATUS_NO_ORGAN):
+            return row
+        try:
+            mask, row["fine_windows"], row["t_fine_s"] = self.engine.run_stage("fine", row["fine_input"])
+        except Exception as err:  # noqa: BLE001  (one case's failure is its error row)
+            return _failed(row, "fine", err)
+        row.update(mask_at=row["coarse_bbox"], post_done=False)
+        return _with_arrays(row, mask_box=mask.astype(np.uint8))
+
+
+class WholeCase(_Stage):
+    """Both stages of a case in one actor call (`segment_prepared`); returns the final mask."""
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        if row.get("status") == STATUS_ERROR:
+            return row
+        try:
+            coarse_input = row["coarse_input"] if row["coarse_input"].size else None
+            fine_input = coarse_input if row["shared_input"] else row["fine_input"] if row["fine_input"].size else None
+            result = self.engine.segment_prepared(coarse_input, fine_input)
+        except Exception as err:  # noqa: BLE001  (one case's failure is its error row)
+            return _failed(row, "segment", err)
+        row.update(self.node)
+        row.update(
+            coarse_windows=result.coarse_windows,
+            fine_windows=result.fine_windows,
+            coarse_bbox=result.box.to_list() if result.box else None,
+            t_coarse_s=result.timings.get("coarse"),
+            t_fine_s=result.timings.get("fine"),
+            t_post_s=result.timings.get("post"),
+            post_done=True,
+        )
+        box = bounding_box(result.mask, 0)
+        if box is None:  # the final mask is empty
+            row.update(status=STATUS_NO_ORGAN, mask_at=None)
+            return _with_arrays(row)
+        row["mask_at"] = box.to_list()
+        return _with_arrays(row, mask_box=np.ascontiguousarray(result.mask[box.slices]))
+
+
+def finish_case(row: dict[str, Any], post_ratio: float) -> dict[str, Any]:
+    """CPU task: DeCrop, post-processing, label check, mask write, metrics -> the output row."""
+    if row.get("status") != STATUS_ERROR:
+        try:
+            row = _finish(row, post_ratio)
+        except Exception as err:  # noqa: BLE001  (one case's failure is its error row)
+            row = _failed(row, "finish", err)
+    finished = time.time()
+    out = {name: row.get(name) for name in runs.COLUMNS if name in row}
+    timings = [row.get(key) for key in runs.TIMING_KEYS]
+    out.update(
+        status=row.get("status") or STATUS_OK,
+        label_uri=row.get("label_uri") or None,
+        mask_uri=row.get("mask_uri") if row.get("status") != STATUS_ERROR else None,
+        t_total_s=float(sum(t for t in timings if t is not None)),
+        t_wall_s=finished - row["started_at"] if row.get("started_at") else None,
+        started_at=row.get("started_at"),
+        finished_at=finished,
+    )
+    return out
+
+
+def _finish(row: dict[str, Any], post_ratio: float) -> dict[str, Any]:
+    shape = tuple(row["shape"])
+    start = time.perf_counter()
+    if row.get("mask_at") is not None:
+        mask = decrop(row["mask_box"].astype(bool), Box.from_list(row["mask_at"]), shape)
+    else:
+        mask = np.zeros(shape, dtype=bool)
+    if row.get("post_done"):
+        final = mask.astype(np.uint8)
+        status = STATUS_OK if final.any() else STATUS_NO_ORGAN
+    else:
+        final, status = finish_mask(mask, post_ratio)
+    row["t_post_s"] = (row.get("t_post_s") or 0.0) + time.perf_counter() - start
+    affine = np.asarray(row["affine"], dtype=np.float64).reshape(4, 4)
+    like = Volume(array=np.broadcast_to(np.float32(0), shape), affine=affine, source=row["image_uri"])
+
+    start = time.perf_counter()
+    reference = None
+    if row.get("label_uri"):  # checked before the mask is written: an error row has no mask
+        label = read_volume(row["label_uri"])
+        check_same_grid(label, shape, affine)
+        reference = label.array > 0
+    t_label = time.perf_counter() - start
+
+    start = time.perf_counter()
+    write_mask(row["mask_uri"], final, like=like)
+    row["t_write_s"] = time.perf_counter() - start
+    if reference is not None:
+        start = time.perf_counter()
+        row.update(case_metrics(final > 0, reference, row["spacing_mm"]))
+        row["t_metrics_s"] = time.perf_counter() - start + t_label
+    row["status"] = status
+    return row
