@@ -172,14 +172,25 @@ def _demo_archive(folder: str, cases: int) -> str:
 def _recipe(args: argparse.Namespace, stage: str) -> TrainConfig:
     from resdsn_ray.recipes import JHMI_ITERATIONS, preset_config
 
-    iterations = args.iterations or (JHMI_ITERATIONS if getattr(args, "jhmi", False) else None)
-    overrides = {name: getattr(args, dest, None) for dest, name in _RECIPE_FLAGS.items()}
-    return preset_config(args.preset, stage, **overrides, iterations=iterations)
+    given = {dest: getattr(args, dest) for dest in _RECIPE_FLAGS if getattr(args, dest, None) is not None}
+    if getattr(args, "jhmi", False):
+        given.setdefault("iterations", JHMI_ITERATIONS)
+    try:
+        return preset_config(args.preset, stage, **{_RECIPE_FLAGS[d]: v for d, v in given.items()})
+    except InputError as err:  # name the flag that set the refused field
+        flags = [_flag(args, d) for d in given if _RECIPE_FLAGS[d] == err.source]
+        raise InputError(flags[0] if flags else err.source, err.reason) from None
 
 
-# Flag dest -> the recipe field it overrides (None: the preset's value); iterations apart (--jhmi).
-_RECIPE_FLAGS = {name: name for name in ("optimizer", "lr", "seed", "name", "width", "patch", "checkpoint_every",
-                                         "keep_checkpoints", "validate_every", "min_cases")} | {"train_batch_size": "batch_size"}
+def _flag(args: argparse.Namespace, dest: str) -> str:
+    """The flag of a recipe dest (`train` spells the training batch `--batch-size`, `cv` leaves that to the engine)."""
+    return "--batch-size" if dest == "train_batch_size" and args.command == "train" else f"--{dest.replace('_', '-')}"
+
+
+# Flag dest -> the recipe field it overrides (None: the preset's value).
+_RECIPE_FLAGS = {name: name for name in ("iterations", "optimizer", "lr", "seed", "width", "patch", "checkpoint_every",
+                                         "keep_checkpoints", "validate_every", "min_cases")} | {
+    "train_batch_size": "batch_size", "model": "name"}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -314,7 +325,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
                         help=f"global mini-batch, split over workers (paper: {paper.batch_size})")
     parser.add_argument("--optimizer", choices=choices(TrainConfig, "optimizer"), help=f"paper: {paper.optimizer}; demo: adam")
     parser.add_argument("--lr", type=float, help=f"base learning rate (paper: {paper.lr})")
-    parser.add_argument("--model", dest="name", choices=choices(type(paper.model), "name"), help="network (Table 1)")
+    parser.add_argument("--model", choices=choices(type(paper.model), "name"), help="network (Table 1)")
     parser.add_argument("--checkpoint-every", type=int, help="iterations between checkpoints")
     parser.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept")
     parser.add_argument("--validate-every", type=int, help="iterations between validations")

@@ -165,7 +165,8 @@ def run(*args: str) -> subprocess.CompletedProcess:
     [
         (["segment", "x.nii.gz", "--out", "m.nii.gz", "--n-coarse", "-1"], "--n-coarse"),
         (["segment", "x.nii.gz", "--out", "m.nii.gz", "--post-ratio", "2"], "--post-ratio"),
-        (["train", "--stage", "coarse", "--data", "d", "--output", "o", "--patch", "12"], "patch"),
+        (["train", "--stage", "coarse", "--data", "d", "--output", "o", "--patch", "12"], "--patch"),
+        (["cv", "--data", "d", "--output", "o", "--train-batch-size", "0"], "--train-batch-size"),
         (["archive", "--input", "in", "--output", "out", "--read-tasks", "0"], "--read-tasks"),
         (["cv", "--data", "d", "--output", "o", "--folds", "1"], "--folds"),
     ],
