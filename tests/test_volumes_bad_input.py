@@ -221,3 +221,57 @@ def test_unknown_url_scheme_is_an_input_error():
     with pytest.raises(InputError, match="cannot access") as raised:
         read_volume("nosuchscheme://bucket/case.nii.gz")
     assert "case.nii.gz" in str(raised.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Error messages never quote file content (a reader pointed at a secret must not copy it into a row)
+
+MARKER = "secret-marker-7f3a"
+_SECRET_TEXT = f"root:x:0:0:{MARKER}:/root:/bin/bash\n".encode() * 40
+
+
+def _secret_in_header(keyword: str, value: str) -> Callable[[Path], Path]:
+    def build(tmp: Path) -> Path:
+        import pydicom.data
+
+        folder = tmp / "series"
+        source = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+        shutil.copytree(source, folder)
+        ds = pydicom.dcmread(folder / "2392")
+        with pytest.MonkeyPatch.context() as patch:  # write a value no valid header would hold
+            patch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
+            ds[keyword].VR = "LO"  # so that pydicom stores text where numbers belong
+            ds[keyword].value = value
+            ds.save_as(folder / "2392")
+        return folder
+    return build
+
+
+SECRET_CASES: dict[str, Callable[[Path], Path]] = {
+    "text_named_nii": _file("passwd.nii", _SECRET_TEXT),
+    "text_named_nii_gz": _file("passwd.nii.gz", _SECRET_TEXT),
+    "gzipped_text": _file("passwd2.nii.gz", gzip.compress(_SECRET_TEXT)),
+    "nifti_then_text": _file("trailing.nii.gz", _gz + MARKER.encode() * 4),
+    "dicom_preamble_then_text": _file("fake.nii", bytes(128) + b"DICM" + _SECRET_TEXT),
+    "position_holds_text": _secret_in_header("ImagePositionPatient", f"{MARKER}\\1\\2"),
+    "modality_holds_text": _secret_in_header("Modality", MARKER),
+    "series_uid_holds_text": _secret_in_header("SeriesInstanceUID", MARKER),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SECRET_CASES))
+def test_errors_never_echo_file_content(tmp_path, case):
+    path = SECRET_CASES[case](tmp_path)
+    with pytest.raises(InputError) as raised:
+        read_volume(str(path))
+    assert path.name in str(raised.value)
+    assert MARKER not in str(raised.value) and "root:x" not in str(raised.value)
+
+
+def test_series_uid_names_a_series_folder_only(tmp_path, ct5n_dir):
+    nifti = _file("image.nii", _nifti(_valid()))(tmp_path)
+    with pytest.raises(InputError, match="not a DICOM series folder"):
+        read_volume(str(nifti), series_uid="1.2.3")
+    with pytest.raises(InputError, match="no DICOM image of series 1.2.3") as raised:
+        read_volume(str(ct5n_dir), series_uid="1.2.3")
+    assert "5 of other series" in str(raised.value)

@@ -261,3 +261,47 @@ def test_dicom_mask_round_trip_world_points(ct5n_dir, tmp_path):
     np.testing.assert_allclose(written.header.get_qform(), volume.affine, atol=1e-4)
     np.testing.assert_allclose(written.header.get_sform(), volume.affine, atol=1e-4)
     np.testing.assert_array_equal(np.asanyarray(written.dataobj), mask)
+
+
+def test_slice_uris_and_instance_uids_follow_k(ct5n_dir):
+    volume = read_volume(str(ct5n_dir))
+    placed = assert_slices_placed(volume, ct5n_dir)
+    assert [Path(uri).name for uri in volume.meta["slice_uris"]] == sorted(placed, key=placed.get)
+    for k, uri in enumerate(volume.meta["slice_uris"]):
+        assert pydicom.dcmread(uri).SOPInstanceUID == volume.meta["sop_instance_uids"][k]
+
+
+def test_localizer_in_the_series_is_ignored(ct5n_dir, tmp_path):
+    copy = tmp_path / "with_scout"
+    shutil.copytree(ct5n_dir, copy)
+    ds = pydicom.dcmread(copy / "2062")
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # a lateral scout in the same series
+    ds.SOPInstanceUID = generate_uid()
+    ds.save_as(copy / "scout")
+    volume = read_volume(str(copy))
+    assert volume.meta["ignored_files"] == ["scout"]
+    _assert_same(volume, read_volume(str(ct5n_dir)))
+
+
+def test_series_uid_reads_one_series_of_a_shared_folder_even_with_a_large_header(ct5n_dir, tmp_path):
+    from resdsn_ray.volumes import HEADER_PREFIX
+
+    folder = tmp_path / "shared"
+    uids = []
+    for tag in ("a", "b"):
+        uid = generate_uid()
+        uids.append(uid)
+
+        def edit(_: int, ds: Dataset, uid: str = uid) -> None:
+            ds.SeriesInstanceUID = uid
+            ds.SOPInstanceUID = generate_uid()
+            ds.add_new(0x00090010, "LO", "BIG PRIVATE")  # private block before SeriesInstanceUID
+            ds.add_new(0x00091001, "OB", bytes(3 * HEADER_PREFIX))
+
+        _copy_series(ct5n_dir, folder, edit=edit, names=[f"{tag}{k}" for k in range(5)])
+    for uid, tag in zip(uids, "ab"):
+        volume = read_volume(str(folder), series_uid=uid)
+        assert volume.meta["series_uid"] == uid and volume.meta["other_series_files"] == 5
+        assert [Path(u).name[0] for u in volume.meta["slice_uris"]] == [tag] * 5
+        _assert_same(volume, read_volume(str(ct5n_dir)))

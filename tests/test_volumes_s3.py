@@ -4,6 +4,7 @@ reached through AWS_ENDPOINT_URL like any S3-compatible store."""
 from __future__ import annotations
 
 import gzip
+import io
 from pathlib import Path
 
 import boto3
@@ -91,3 +92,28 @@ def test_bad_object_on_s3_names_the_uri(s3_bucket):
     with pytest.raises(InputError) as raised:
         read_volume(uri)
     assert raised.value.source == uri
+
+
+def test_series_of_a_shared_s3_folder_reads_other_files_by_header_only(s3_bucket, ct5n_dir):
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from resdsn_ray.volumes import HEADER_PREFIX
+
+    other = generate_uid()
+    for path in sorted(Path(ct5n_dir).iterdir()):
+        storage.write_bytes(f"{s3_bucket}/mixed/{path.name}", path.read_bytes())
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = other, generate_uid()
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        storage.write_bytes(f"{s3_bucket}/mixed/other_{path.name}", buffer.getvalue())
+    fs, _ = storage.filesystem(s3_bucket)
+    ranges: list[str | None] = []
+    fs.s3.meta.events.register(
+        "before-call.s3.GetObject", lambda params, **_: ranges.append(params["headers"].get("Range")))
+    local = read_volume(str(ct5n_dir))
+    volume = read_volume(f"{s3_bucket}/mixed", series_uid=local.meta["series_uid"])
+    np.testing.assert_array_equal(volume.array, local.array)
+    assert volume.meta["other_series_files"] == 5
+    assert sorted(ranges, key=str) == [None] * 5 + [f"bytes=0-{HEADER_PREFIX - 1}"] * 10  # headers, then 5 whole
