@@ -2,7 +2,7 @@
 forward+backward+step of the same model on pre-made batches, in the same run.
 
 Feeds compared (each inside Ray Train workers, DDP, global batch 16 split over the workers):
-- local:   worker-local samplers over volumes preloaded in the worker (what training.py does);
+- local:   worker-local samplers over volumes preloaded in the worker (what training.py does, with sampling.py);
 - raydata: patches cut by a Ray Data actor pool holding the volumes, streamed to the workers
            with `get_dataset_shard(...).iter_torch_batches`.
 Phases alternate in short blocks (bare, loop, bare, loop, ...) so drift hits both alike; medians
@@ -26,16 +26,10 @@ import time
 import numpy as np
 import torch
 
+from resdsn_ray.config import STAGES, TrainConfig, from_dict, to_dict
+from resdsn_ray.recipes import PRESETS, make_optimizer, poly_lr, preset_config, split_batch, train_step
+from resdsn_ray.sampling import PatchSampler, load_training_cases
 from resdsn_ray.synthetic import write_archive
-from resdsn_ray.training import (
-    PatchSampler,
-    load_training_cases,
-    make_optimizer,
-    poly_lr,
-    preset_config,
-    split_batch,
-    train_step,
-)
 
 
 def _timed(fn, iterations: int, device: torch.device) -> tuple[float, float]:
@@ -86,9 +80,7 @@ def worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from resdsn_ray.config import from_dict
     from resdsn_ray.model import build_model
-    from resdsn_ray.training import TrainConfig
 
     config = from_dict(TrainConfig, loop_config["config"])
     context = ray.train.get_context()
@@ -124,9 +116,6 @@ class PatchProducer:
     """Ray Data actor: holds the volumes, turns each batch of row ids into augmented patches."""
 
     def __init__(self, cases: list, config: dict) -> None:
-        from resdsn_ray.config import from_dict
-        from resdsn_ray.training import TrainConfig
-
         self.config = from_dict(TrainConfig, config)
         loaded, _ = load_training_cases(cases, self.config)
         self.sampler = PatchSampler(loaded, self.config.stage, self.config.model.patch, np.random.default_rng(99))
@@ -151,7 +140,7 @@ def run_ray(args, config, cases: list, workers: int, feed: str) -> dict:
             # (a 1-CPU ReadRange task next to the workers and the actor deadlocks on 2 CPUs).
             "train": ray.data.from_items([{"id": i} for i in range(total)], override_num_blocks=8).map_batches(
                 PatchProducer,
-                fn_constructor_kwargs={"cases": cases, "config": _to_dict(config)},
+                fn_constructor_kwargs={"cases": cases, "config": to_dict(config)},
                 batch_size=config.batch_size,
                 compute=ray.data.ActorPoolStrategy(size=1),
                 num_cpus=0.25,
@@ -161,7 +150,7 @@ def run_ray(args, config, cases: list, workers: int, feed: str) -> dict:
         out = os.path.join(folder, "times.json")
         TorchTrainer(
             worker,
-            train_loop_config={"config": _to_dict(config), "cases": cases, "threads": threads, "feed": feed, "iterations": args.iterations, "blocks": args.blocks, "out": out},
+            train_loop_config={"config": to_dict(config), "cases": cases, "threads": threads, "feed": feed, "iterations": args.iterations, "blocks": args.blocks, "out": out},
             scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
             run_config=RunConfig(name=f"bench-{feed}-{workers}", storage_path=folder),
             datasets=datasets,
@@ -175,12 +164,6 @@ def run_ray(args, config, cases: list, workers: int, feed: str) -> dict:
         loop = max(t[f"loop_{kind}_s"] for t in times)
         row.update({f"bare_{kind}": config.batch_size / bare, f"loop_{kind}": config.batch_size / loop, f"ratio_{kind}": bare / loop})
     return row
-
-
-def _to_dict(config) -> dict:
-    from resdsn_ray.config import to_dict
-
-    return to_dict(config)
 
 
 def run_torch_only(args, config, cases: list) -> dict:
@@ -202,9 +185,9 @@ def run_torch_only(args, config, cases: list) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=["demo", "paper"], default="demo")
-    parser.add_argument("--stage", choices=["coarse", "fine"], default="coarse")
-    parser.add_argument("--batch-size", type=int, default=16, help="global mini-batch (paper: 16)")
+    parser.add_argument("--preset", choices=PRESETS, default="demo")
+    parser.add_argument("--stage", choices=STAGES, default="coarse")
+    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size, help="global mini-batch (default: the paper's)")
     parser.add_argument("--iterations", type=int, default=2, help="iterations per timed block")
     parser.add_argument("--blocks", type=int, default=6, help="bare/loop block pairs")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
