@@ -44,7 +44,7 @@ node_ports() {  # the per-node port flags; workers get their own range of 64 por
 }
 
 wait_started() {  # `ray start --block` logs this line once its node has joined the cluster
-  for _ in $(seq 240); do
+  for _ in $(seq 720); do  # 180 s: a loaded 2-core machine starts a node slowly
     grep -qs "Ray runtime started" "$1" && return 0
     kill -0 "$2" 2>/dev/null || break
     sleep 0.25

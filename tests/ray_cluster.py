@@ -48,7 +48,7 @@ _cluster: Cluster | None = None
 def _start() -> Cluster:
     state = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))  # short: Ray's socket paths are limited
     env = {**os.environ, "PYTHON": sys.executable, "RAY_LOCAL_CPUS": "1", "RAY_LOCAL_OBJECT_STORE_MB": "200", "RAY_LOCAL_MEMORY_MB": "3072"}
-    done = subprocess.run([str(SCRIPT), "start", str(state)], env=env, capture_output=True, text=True, timeout=180, check=False)
+    done = subprocess.run([str(SCRIPT), "start", str(state)], env=env, capture_output=True, text=True, timeout=420, check=False)
     if done.returncode != 0:
         pytest.fail(f"infra/ray-local.sh start failed:\n{done.stdout}\n{done.stderr}")
     values = dict(line.removeprefix("export ").split("=", 1) for line in done.stdout.splitlines() if line.startswith("export "))
