@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 RAY_FREE = [
     "config", "errors", "storage", "volumes", "preprocess", "model", "windows", "postprocess", "engine",
     "metrics", "synthetic", "bundle", "provenance", "sampling", "recipes", "archive", "runs", "query",
-    "report", "stages", "flags", "cli",
+    "report", "stages", "flags", "cli", "dicom_seg",
 ]
 RAY_LAYERS = ["cluster", "pipeline", "training", "cv"]
 
@@ -64,7 +64,7 @@ def test_segment_runs_without_ray(tmp_path):
         "from resdsn_ray import cli, synthetic\n"
         f"synthetic.write_archive({str(tmp_path / 'a')!r}, cases=1, seed=1, shape=(48, 40, 24))\n"
         f"code = cli.main(['segment', {str(tmp_path / 'a' / 'imagesTr' / 'case_0000.nii.gz')!r}, '--out', "
-        f"{str(tmp_path / 'm.nii.gz')!r}, '--n-coarse', '0', '--n-fine', '0'])\n"
+        f"{str(tmp_path / 'm.nii.gz')!r}, '--demo-models', '--n-coarse', '0', '--n-fine', '0'])\n"
         "assert code == 0 and not any(m == 'ray' or m.startswith('ray.') for m in sys.modules)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
