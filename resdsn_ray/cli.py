@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from resdsn_ray import storage
@@ -61,17 +63,27 @@ def add_engine_flags(parser: argparse.ArgumentParser, windows_default: str | Non
 
 
 def add_bundle_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--coarse", help="coarse model bundle URI (default: the shipped demo bundle)")
-    parser.add_argument("--fine", help="fine model bundle URI (default: the shipped demo bundle)")
+    parser.add_argument("--coarse", help="coarse model bundle URI (required but for the demo)")
+    parser.add_argument("--fine", help="fine model bundle URI (required but for the demo)")
+    option(parser, "--demo-models", ArchiveJob, "demo_models",
+           help="use the shipped phantom-trained demo bundles where --coarse / --fine are not given (demos and tests "
+                "only: they are not trained on CT); every row says so")
     option(parser, "--mode", EngineConfig, "mode", help="c2f, or one stage alone (the paper's ablations)")
 
 
-def bundle_uri(given: str | None, stage: str) -> str:
-    """The bundle to use for a stage: the given URI, else the shipped demo bundle."""
+def bundle_uri(given: str | None, stage: str, demo_models: bool) -> str:
+    """The bundle to use for a stage: the given URI, else (when allowed) the shipped demo bundle.
+
+    A real archive needs real models: the demo bundles are trained on phantoms, and would
+    segment real CT into confident nonsense with every row saying `ok`.
+    """
     from resdsn_ray.bundle import CONFIG_FILE, demo_bundle_uri
 
     if given:
         return given
+    if not demo_models:
+        raise InputError(f"--{stage}", "required: the shipped demo bundles are phantom-trained, for the demo and "
+                                       "tests only (--demo-models uses them anyway and marks every row)")
     demo = demo_bundle_uri(stage)
     if not (Path(demo) / CONFIG_FILE).exists():
         raise InputError(f"--{stage}", "no bundle given and no demo bundle is shipped in this install")
@@ -96,8 +108,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from resdsn_ray.volumes import check_same_grid, read_volume, write_mask
 
     config = settings(args, EngineConfig())
-    coarse = load_bundle(bundle_uri(args.coarse, "coarse")) if config.mode != "fine" else None
-    fine = load_bundle(bundle_uri(args.fine, "fine")) if config.mode != "coarse" else None
+    coarse = load_bundle(bundle_uri(args.coarse, "coarse", args.demo_models)) if config.mode != "fine" else None
+    fine = load_bundle(bundle_uri(args.fine, "fine", args.demo_models)) if config.mode != "coarse" else None
     start = time.perf_counter()
     volume = read_volume(args.image)
     t_read = time.perf_counter() - start
@@ -112,6 +124,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "image": args.image,
         "mask": args.out,
         "status": result.status,
+        "demo_models": bool(args.demo_models and not (args.coarse and args.fine)),
         "shape": list(volume.shape),
         "spacing_mm": [round(s, 4) for s in volume.spacing],
         "coarse_bbox": result.box.to_list() if result.box else None,
@@ -136,8 +149,10 @@ def cmd_archive(args: argparse.Namespace) -> int:
 
     demo = args.input is None
     engine = settings(args, DEMO_ENGINE if demo else EngineConfig())
-    coarse = bundle_uri(args.coarse, "coarse") if engine.mode != "fine" else None
-    fine = bundle_uri(args.fine, "fine") if engine.mode != "coarse" else None
+    demo_models = demo or args.demo_models
+    coarse = bundle_uri(args.coarse, "coarse", demo_models) if engine.mode != "fine" else None
+    fine = bundle_uri(args.fine, "fine", demo_models) if engine.mode != "coarse" else None
+    used_demo = (engine.mode != "fine" and not args.coarse) or (engine.mode != "coarse" and not args.fine)
     source, output = args.input, args.output
     if demo:
         source, output = _demo_archive(args.demo_dir, args.demo_cases), output or storage.join(args.demo_dir, "run")
@@ -147,6 +162,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
         raise InputError("--output", "required with --input")
     job = settings(args, ArchiveJob(input=source, output=output, coarse=coarse, fine=fine, engine=engine,
                                     resources=settings(args, Resources())))
+    job = replace(job, demo_models=used_demo, allow_prefixes=tuple(args.allow_uri_prefix or ()) or None)
     result = run_archive(job, say=lambda line: print(line, flush=True))
     current = latest(this_runs_cases(runs.read_rows(output), result.rows, engine.mode))
     print(f"\nmasks: {runs.masks_uri(output, engine.mode)}\nrows:  {runs.metrics_uri(output, result.run_id)}\n"
@@ -269,11 +285,14 @@ def add_archive_flags(parser: argparse.ArgumentParser) -> None:
     option(parser, "--shape", Resources, "shape",
            help="whole: one actor pool runs both stages of a case; split: coarse and fine actor pools")
     option(parser, "--coarse-actors", Resources, "coarse_actors", type=int,
-           help="coarse pool size (the whole pool with --shape whole); default: GPUs / --gpus-per-actor per pool, "
+           help="largest coarse pool (the whole pool with --shape whole); default: GPUs / --gpus-per-actor per pool, "
                 "or without GPUs one per CPU (up to 8)")
     option(parser, "--fine-actors", Resources, "fine_actors", type=int,
-           help="fine pool size (--shape split); default as --coarse-actors")
-    option(parser, "--gpus-per-actor", Resources, "gpus_per_actor", help="GPUs per actor; fractions share a GPU")
+           help="largest fine pool (--shape split); default as --coarse-actors")
+    option(parser, "--fixed-pools", Resources, "fixed_pools",
+           help="start every actor up front (default: pools grow from one actor as nodes join)")
+    option(parser, "--gpus-per-actor", Resources, "gpus_per_actor", type=float,
+           help="GPUs per actor; fractions share a GPU (default: 1 where the cluster has GPUs, else 0)")
     option(parser, "--cpus-per-actor", Resources, "cpus_per_actor", type=float,
            help="CPUs reserved per actor (default: 1, less where the nodes have few CPUs)")
     option(parser, "--task-cpus", Resources, "task_cpus", type=float,
@@ -283,6 +302,8 @@ def add_archive_flags(parser: argparse.ArgumentParser) -> None:
            help="seconds to wait for the actor pools to start before failing (e.g. no GPU node)")
     option(parser, "--address", ArchiveJob, "address", type=str,
            help="Ray cluster address (default: RAY_ADDRESS / the submitting job, else a local Ray)")
+    parser.add_argument("--allow-uri-prefix", action="append", metavar="PREFIX",
+                        help="where a manifest's URIs may point (repeatable; default: the manifest's own folder or bucket)")
     option(parser, "--run-id", ArchiveJob, "run_id", type=str, help="run id (default: UTC time + random suffix)")
     option(parser, "--fold", ArchiveJob, "fold", type=int, help="cross-validation fold recorded in every row")
     option(parser, "--flush-rows", ArchiveJob, "flush_rows", help="write a Parquet part every N rows ...")
@@ -418,13 +439,25 @@ With no --input: writes a small synthetic archive under ./demo-output, starts a 
 the shipped demo bundles and prints the summary."""
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; any failure is one line on stderr (exit 2: bad input, 1: failed, 130: stopped)."""
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # what `ray job stop` sends: end as Ctrl-C does, records written
     try:
         return args.run(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: stopped; what finished is written, the same command resumes the rest", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (one clear line; the run record keeps the reason too)
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

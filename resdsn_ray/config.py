@@ -202,9 +202,10 @@ class Resources(Settings):
     """How the archive job uses the cluster; None values are fitted to the connected cluster."""
 
     shape: Shape = "whole"
-    coarse_actors: int | None = None  # actors of the coarse pool (the `whole` pool); None: the GPUs or CPUs shared out
+    coarse_actors: int | None = None  # the coarse (the `whole`) pool's largest size; None: the GPUs or CPUs shared out
     fine_actors: int | None = None
-    gpus_per_actor: float = 0.0
+    fixed_pools: bool = False  # False: pools grow from 1 actor to their size as nodes join (autoscaling clusters)
+    gpus_per_actor: float | None = None  # None: 1 where the cluster has GPUs, else 0
     cpus_per_actor: float | None = None  # None: fitted to the cluster's nodes (`cluster.fit_cpus`)
     task_cpus: float | None = None  # each read/preprocess and finish/write task; None: fitted
     threads_per_actor: int | None = None  # torch CPU threads per actor; None: round(cpus_per_actor), at least 1
@@ -216,7 +217,7 @@ class Resources(Settings):
             self.require(name, getattr(self, name) is None or getattr(self, name) >= 1, "at least 1")
         for name in ("cpus_per_actor", "task_cpus"):
             self.require(name, getattr(self, name) is None or getattr(self, name) > 0, "positive")
-        self.require("gpus_per_actor", self.gpus_per_actor >= 0, "0 or more")
+        self.require("gpus_per_actor", self.gpus_per_actor is None or self.gpus_per_actor >= 0, "0 or more")
         self.require("read_tasks", self.read_tasks >= 1, "at least 1")
         self.require("actor_start_timeout_s", self.actor_start_timeout_s > 0, "positive")
 
@@ -232,6 +233,8 @@ class ArchiveJob(Settings):
     engine: EngineConfig = field(default_factory=EngineConfig)
     resources: Resources = field(default_factory=Resources)
     address: str | None = None  # Ray cluster; None: RAY_ADDRESS / the submitting job, else a local Ray
+    allow_prefixes: tuple[str, ...] | None = None  # where a manifest may point; None: the manifest's own folder
+    demo_models: bool = False  # the shipped phantom-trained bundles on a real archive: allowed, and every row says so
     overwrite: bool = False
     run_id: str | None = None
     fold: int | None = None

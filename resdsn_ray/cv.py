@@ -176,14 +176,22 @@ def run_fold(job: CVJob, fold: int, run_prefix: str) -> dict[str, Any]:
     for mode in EVAL_MODES:
         archive_job = ArchiveJob(
             input=storage.join(folder, "test.csv"), output=job.output, coarse=bundles["coarse"], fine=bundles["fine"],
-            engine=replace(job.engine, mode=mode), resources=resources, run_id=f"{run_prefix}-fold{fold}-{mode}",
-            fold=fold, progress_s=60.0,
+            engine=replace(job.engine, mode=mode), resources=resources,
+            run_id=_fresh_run_id(job.output, f"{run_prefix}-fold{fold}-{mode}"), fold=fold, progress_s=60.0,
         )
         result = run_archive(archive_job, say=say)
         evaluated[mode] = {"run_id": result.run_id, "counts": result.counts}
     done = {"fold": fold, "bundles": bundles, "runs": evaluated, "finished_at": utc_iso()}
     storage.write_json(storage.join(folder, DONE_FILE), done)
     return done
+
+
+def _fresh_run_id(output: str, name: str) -> str:
+    """`name`, or `name-t<k>` when a fold task retried by Ray already ran under it (run ids are never reused)."""
+    for run_id in (name, *(f"{name}-t{k}" for k in range(2, 100))):
+        if not storage.exists(runs.run_record_uri(output, run_id)):
+            return run_id
+    raise InputError(name, "ran 100 times already")
 
 
 @dataclass

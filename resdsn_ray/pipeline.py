@@ -40,7 +40,6 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -67,10 +66,15 @@ from resdsn_ray.errors import InputError
 from resdsn_ray.provenance import provenance, utc_iso, utc_now
 from resdsn_ray.stages import CoarseStage, FineStage, WholeCase, finish_case, read_case
 
-MAX_IN_FLIGHT_PER_ACTOR = 2
+# One case in flight per actor: a case that kills its actor (out of memory) must not take a
+# neighbour's retries with it (measured with two in flight: 4 good cases lost to 8 kills).
+MAX_IN_FLIGHT_PER_ACTOR = 1
 MAX_AUTO_CPU_ACTORS = 8  # without GPUs, default pools get one single-threaded actor per CPU, up to this
-# A case whose actor process dies (killed for memory, a crash in native code) is retried this
-# many times, then dropped from the stream and reported as an error row: never retried forever.
+# A case whose task or actor process dies (killed for memory, a crash in native code) is retried
+# this many times, then dropped from the stream and reported as an error row: never retried
+# forever (Ray Data's defaults are unlimited: tasks `max_retries=-1`, actors `max_task_retries=-1`).
+# Ray 2.60 takes both only through the extra remote args of `map`, deprecated for removal in
+# Ray 2.64 with no named replacement yet: the project pins Ray 2.60.x.
 PROCESS_RETRIES = 2
 
 
@@ -96,35 +100,36 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
     context.enable_progress_bars = False
     context.max_errored_blocks = -1  # a case lost with its worker must not end the run
     env = runtime_env()
-    task = {"num_cpus": res.task_cpus, "compute": TaskPoolStrategy(size=max(1, res.read_tasks)), "runtime_env": env}
+    task = {"num_cpus": res.task_cpus, "compute": TaskPoolStrategy(size=max(1, res.read_tasks)), "runtime_env": env,
+            "max_retries": PROCESS_RETRIES}
     threads = res.threads_per_actor or max(1, round(res.cpus_per_actor or 1))
 
     def pool(size: int | None) -> dict[str, Any]:
-        # Fixed size: the same processes whatever the archive, so memory does not depend on it.
+        # Each pool is bounded whatever the archive, so memory does not depend on it; it grows from
+        # one actor (the job starts on the first node that can host one) unless fixed.
+        size = size or 1
         return {
-            "compute": ActorPoolStrategy(size=size or 1, max_tasks_in_flight_per_actor=MAX_IN_FLIGHT_PER_ACTOR),
+            "compute": ActorPoolStrategy(min_size=size if res.fixed_pools else 1, max_size=size,
+                                         max_tasks_in_flight_per_actor=MAX_IN_FLIGHT_PER_ACTOR),
             "num_cpus": res.cpus_per_actor,
             "num_gpus": res.gpus_per_actor or None,
             "runtime_env": env,
-            # Ray Data retries an actor task forever when its actor dies, so one case that kills
-            # its worker would stall the run. Extra remote args are deprecated (Ray 2.64) with no
-            # named replacement yet; tasks keep Ray's default of 3 retries.
             "max_task_retries": PROCESS_RETRIES,
         }
 
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map(read_case, fn_kwargs=preprocess, **task)
     engine = job.engine
-    common = {"engine": engine, "threads": threads}
+    common = {"engine": engine, "threads": threads, "gpu": bool(res.gpus_per_actor)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map(read_case, fn_kwargs=preprocess, **task)
         if pools(job) == 2:
             ds = ds.map(CoarseStage, fn_constructor_kwargs={"coarse": job.coarse, **common}, **pool(res.coarse_actors))
             ds = ds.map(FineStage, fn_constructor_kwargs={"fine": job.fine, **common}, **pool(res.fine_actors))
         else:
             ds = ds.map(WholeCase, fn_constructor_kwargs={"coarse": job.coarse, "fine": job.fine, **common},
                         **pool(res.coarse_actors))
-    return ds.map(finish_case, fn_kwargs={"post_ratio": engine.post_ratio}, **task)
+        return ds.map(finish_case, fn_kwargs={"post_ratio": engine.post_ratio}, **task)
 
 
 def _check_output(job: ArchiveJob) -> None:
@@ -151,7 +156,7 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
     """Segment every case of `job.input` not already done under `job.output`."""
     started = time.time()
     _check_output(job)
-    cases = list_cases(job.input)
+    cases = list_cases(job.input, allow_prefixes=job.allow_prefixes)
     mode = job.engine.mode
     coarse = load_bundle(job.coarse) if mode != "fine" else None
     fine = load_bundle(job.fine) if mode != "coarse" else None
@@ -159,14 +164,17 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
     settings = {"coarse_model": ids["coarse"], "fine_model": ids["fine"], **mask_settings(job.engine)}
     cfg = runs.config_id(settings)
     run_id = job.run_id or runs.new_run_id()
+    if job.run_id and storage.exists(runs.run_record_uri(job.output, run_id)):
+        raise InputError("--run-id", f"{run_id!r} is a run of {job.output} already; a rerun takes a new id")
     history = runs.History.load(job.output, mode)
 
     base = {"run_id": run_id, "coarse_model": ids["coarse"], "fine_model": ids["fine"], "config_id": cfg, "mode": mode,
-            "fold": job.fold}
+            "fold": job.fold, "demo_models": job.demo_models}
     immediate: list[dict[str, Any]] = []
     todo: list[dict[str, Any]] = []
     for case in cases:
-        row = dict(base, case_id=case.case_id, image_uri=case.image_uri, label_uri=case.label_uri or "")
+        row = dict(base, case_id=case.case_id, image_uri=case.image_uri, series_uid=case.series_uid or "",
+                   label_uri=case.label_uri or "")
         if case.error:
             immediate.append(_listing_error(row, case, history))
         elif not job.overwrite and history.is_done(case.case_id, cfg):
@@ -200,34 +208,30 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
     for row in immediate:
         writer.add(row)
     progress = _Progress(len(todo), job.progress_s, say)
-    if todo:
-        connect(job.address)
-        job = replace(job, resources=_resolve(job))
-        record["resources"] = to_dict(job.resources)
-        preprocess = {"coarse": coarse.preprocess if coarse else None, "fine": fine.preprocess if fine else None}
-        seen: set[str] = set()
-        try:
+    try:
+        if todo:
+            job = replace(job, resources=_connect_and_resolve(job))
+            record["resources"] = to_dict(job.resources)
+            preprocess = {"coarse": coarse.preprocess if coarse else None, "fine": fine.preprocess if fine else None}
+            seen: set[str] = set()
             for row in build_dataset(todo, job, preprocess).iter_rows():
                 row = _from_stream(row)
                 seen.add(row["case_id"])
                 writer.add(row)
                 progress.update(row)
-        except GetTimeoutError as err:
-            res = job.resources
-            failure = InputError(
-                "--actor-timeout",
-                f"the actor pools did not start within {res.actor_start_timeout_s:g} s; the cluster has "
-                f"{ray.cluster_resources()} and each actor asks {res.cpus_per_actor:g} CPU, {res.gpus_per_actor:g} GPU",
-            )
-            writer.flush()
-            record.update(status="failed", error=str(failure), ended_at=utc_iso())
-            runs.write_run_record(job.output, run_id, record)
-            raise failure from err
-        for row in todo:
-            if row["case_id"] not in seen:
-                lost = _lost(row)
-                writer.add(lost)
-                progress.update(lost)
+            for row in todo:
+                if row["case_id"] not in seen:
+                    lost = _lost(row)
+                    writer.add(lost)
+                    progress.update(lost)
+    except BaseException as err:  # any failure, Ctrl-C or SIGTERM: keep what is done, say why the run ended
+        failure = _start_failure(job) if isinstance(err, GetTimeoutError) else err
+        writer.flush()
+        record.update(status="failed", error=_reason(failure), ended_at=utc_iso(), counts=dict(Counter(r["status"] for r in writer.rows)))
+        runs.write_run_record(job.output, run_id, record)
+        if failure is err:
+            raise
+        raise failure from err
     writer.flush()
     progress.report(final=True)
 
@@ -239,10 +243,31 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
     return RunResult(run_id=run_id, rows=writer.rows, counts=counts, seconds=ended - started, record=record)
 
 
-def _resolve(job: ArchiveJob) -> Resources:
-    """The job's resources with every automatic value fixed for the connected cluster."""
-    res, n_pools = job.resources, pools(job)
-    auto = auto_actors(res, n_pools, ray.cluster_resources())
+def _start_failure(job: ArchiveJob) -> InputError:
+    res = job.resources
+    return InputError(
+        "--actor-timeout",
+        f"no model actor started within {res.actor_start_timeout_s:g} s; the cluster has "
+        f"{ray.cluster_resources()} and each actor asks {res.cpus_per_actor:g} CPU, {res.gpus_per_actor or 0:g} GPU",
+    )
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, InputError):
+        return str(err)
+    if isinstance(err, KeyboardInterrupt):
+        return "stopped (interrupt or SIGTERM); a rerun finishes the cases left"
+    return f"{type(err).__name__}: {err}"
+
+
+def _connect_and_resolve(job: ArchiveJob) -> Resources:
+    """Join the cluster; the job's resources with every automatic value fixed for it."""
+    connect(job.address)
+    cluster, n_pools = ray.cluster_resources(), pools(job)
+    res = job.resources
+    if res.gpus_per_actor is None:  # a GPU cluster's actors take a GPU each unless told otherwise
+        res = replace(res, gpus_per_actor=1.0 if cluster.get("GPU", 0.0) > 0 else 0.0)
+    auto = auto_actors(res, n_pools, cluster)
     coarse, fine = res.coarse_actors or auto, (res.fine_actors or auto) if n_pools == 2 else 0
     actor_cpus, task_cpus = fit_cpus(coarse + fine, node_cpus(), res.cpus_per_actor, res.task_cpus)
     return replace(res, coarse_actors=coarse, fine_actors=fine or None, cpus_per_actor=actor_cpus, task_cpus=task_cpus)
@@ -279,7 +304,7 @@ def _from_stream(row: dict[str, Any]) -> dict[str, Any]:
         out[name] = value
     for name in ("started_at", "finished_at"):
         if isinstance(out.get(name), (int, float)):
-            out[name] = datetime.fromtimestamp(out[name], timezone.utc)
+            out[name] = utc_now(out[name])
     return out
 
 

@@ -19,14 +19,14 @@ from typing import Any
 LIBRARIES = ("torch", "numpy", "ray", "pyarrow", "nibabel", "pydicom", "s3fs")
 
 
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+def utc_now(epoch: float | None = None) -> datetime:
+    """The time in UTC of `epoch` seconds, or now: every timestamp the project writes is UTC."""
+    return datetime.now(timezone.utc) if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
 
 
 def utc_iso(epoch: float | None = None) -> str:
     """ISO 8601 in UTC (`...+00:00`) of `epoch` seconds, or of now."""
-    moment = utc_now() if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
-    return moment.isoformat()
+    return utc_now(epoch).isoformat()
 
 
 def _installed(name: str) -> str | None:

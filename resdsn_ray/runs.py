@@ -9,9 +9,10 @@ Layout under OUTPUT (DESIGN "Outputs of an archive run"):
 A case is *done* in a mode when its mask of that mode exists AND the latest row of an
 earlier attempt in that mode says it finished (`ok` or `no_organ`) under the same `config_id`
 (bundles + engine settings): a rerun with the same output skips it, a rerun with other models
-or settings recomputes it. A mask without a
-row (the driver died between the two writes) is not trusted: the case is recomputed and the
-mask replaced whole. Rows are never rewritten; every attempt appends its own, numbered by
+or settings recomputes it. Each mask carries the stamp of the attempt that wrote it in its
+header (`mask_stamp`: config, run, attempt), and the done row must be that attempt's: a mask
+without its row (the driver died between the two writes, perhaps after a crashed run with
+other settings overwrote it) is not trusted: the case is recomputed and the mask replaced whole. Rows are never rewritten; every attempt appends its own, numbered by
 `attempt`, so the history of a case stays queryable.
 """
 
@@ -22,18 +23,21 @@ import io
 import json
 import posixpath
 import secrets
-from datetime import datetime, timezone
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from resdsn_ray import storage
+from resdsn_ray import storage, volumes
 from resdsn_ray.config import FINISHED, STATUS_SKIPPED
 from resdsn_ray.metrics import METRIC_KEYS
+from resdsn_ray.provenance import utc_now
 
 TIMING_KEYS = ("t_read_s", "t_preprocess_s", "t_coarse_s", "t_fine_s", "t_post_s", "t_write_s", "t_metrics_s")
 
+STAMP_READERS = 32
 _TIME = pa.timestamp("us", tz="UTC")
 ROW_SCHEMA = pa.schema(
     [
@@ -44,6 +48,7 @@ ROW_SCHEMA = pa.schema(
         ("attempt", pa.int32()),
         ("done_in_run", pa.string()),  # skipped rows: the run whose row and mask are kept
         ("image_uri", pa.string()),
+        ("series_uid", pa.string()),  # the DICOM series of image_uri's folder that is this case (null: NIfTI / the only one)
         ("label_uri", pa.string()),
         ("mask_uri", pa.string()),
         ("shape", pa.list_(pa.int32())),
@@ -57,9 +62,12 @@ ROW_SCHEMA = pa.schema(
         ("t_wall_s", pa.float64()),
         ("coarse_model", pa.string()),
         ("fine_model", pa.string()),
+        ("demo_models", pa.bool_()),  # the shipped phantom-trained bundles made this mask: not for clinical CT
         ("config_id", pa.string()),
         ("node", pa.string()),
         ("node_id", pa.string()),
+        ("device", pa.string()),  # what ran the models: "cuda:0 NVIDIA H100 80GB HBM3", "cpu"
+        ("compute_dtype", pa.string()),  # arithmetic of the forward passes as run (fp32, bf16, fp16)
         ("mode", pa.string()),  # c2f | coarse | fine (engine mode of the run)
         ("fold", pa.int32()),
         ("started_at", _TIME),
@@ -71,11 +79,7 @@ COLUMNS = tuple(ROW_SCHEMA.names)
 
 def new_run_id() -> str:
     """Sortable and unique: UTC time of the start plus a random suffix."""
-    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return f"{utc_now():%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 def config_id(settings: dict[str, Any]) -> str:
@@ -175,7 +179,19 @@ class History:
 
     @classmethod
     def load(cls, output: str, mode: str = "c2f") -> History:
-        return cls(read_rows(output), existing_masks(output, mode), mode)
+        history = cls(read_rows(output), existing_masks(output, mode), mode)
+        history.keep_stamped(lambda case_id: mask_uri(output, case_id, mode))
+        return history
+
+    def keep_stamped(self, mask_of: Callable[[str], str]) -> None:
+        """Forget done cases whose mask was not written by their done row's attempt."""
+        cases = sorted(self.done)
+        with ThreadPoolExecutor(max_workers=STAMP_READERS) as pool:  # one small read per mask, many in flight
+            stamps = list(pool.map(lambda case: volumes.read_description(mask_of(case)), cases))
+        for case, stamp in zip(cases, stamps):
+            row = self.done[case]
+            if stamp != mask_stamp(row["config_id"], row["run_id"], row["attempt"]):
+                del self.done[case]
 
     def is_done(self, case_id: str, config: str) -> bool:
         row = self.done.get(case_id)
@@ -183,6 +199,11 @@ class History:
 
     def next_attempt(self, case_id: str) -> int:
         return self.attempts.get(case_id, 0) + 1
+
+
+def mask_stamp(config_id: str | None, run_id: str | None, attempt: int | None) -> str:
+    """What a mask's header says made it: the attempt whose row owns it (NIfTI `descrip`, 80 bytes)."""
+    return f"resdsn_ray config={config_id} attempt={attempt} run={run_id}"[:80]
 
 
 def write_run_record(output: str, run_id: str, record: dict[str, Any]) -> None:

@@ -66,7 +66,7 @@ def read_case(row: dict[str, Any], coarse: PreprocessConfig | None, fine: Prepro
     row = dict(row, started_at=time.time())
     try:
         start = time.perf_counter()
-        volume = read_volume(row["image_uri"])
+        volume = read_volume(row["image_uri"], series_uid=row.get("series_uid") or None)
         row["t_read_s"] = time.perf_counter() - start
         start = time.perf_counter()
         coarse_input, fine_input = prepare_inputs(volume.array, coarse, fine)
@@ -87,23 +87,38 @@ def read_case(row: dict[str, Any], coarse: PreprocessConfig | None, fine: Prepro
     )
 
 
-class _Stage:
-    """An actor holding loaded bundles: the model loads once per actor, not once per case."""
+def device_name(device: torch.device) -> str:
+    """The device as rows record it: `cuda:0 NVIDIA H100 80GB HBM3`, `cpu`."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} {torch.cuda.get_device_name(index)}"
 
-    def __init__(self, coarse: str | None, fine: str | None, engine: EngineConfig, threads: int) -> None:
+
+class _Stage:
+    """An actor holding loaded bundles: the model loads once per actor, not once per case.
+
+    An actor given a GPU (`gpu=True`) that sees no CUDA device refuses to start: a CPU build of
+    torch on a GPU node would otherwise segment the archive on the CPU, slowly and silently.
+    """
+
+    def __init__(self, coarse: str | None, fine: str | None, engine: EngineConfig, threads: int, gpu: bool = False) -> None:
         _quiet_numpy_views()
         torch.set_num_threads(max(1, threads))
+        if gpu and not torch.cuda.is_available():
+            raise InputError("--gpus-per-actor", f"this model actor holds a GPU but torch {torch.__version__} sees no "
+                                                 "CUDA device (a CPU build of torch, or no driver, on this node)")
         self.engine = CoarseToFine(
             load_bundle(coarse) if coarse else None, load_bundle(fine) if fine else None, engine
         )
-        self.node = _node()
+        self.node = _node() | {"device": device_name(self.engine.device), "compute_dtype": engine.precision}
 
 
 class CoarseStage(_Stage):
     """COARSE on the device: windows over the whole volume -> mask -> crop box -> cropped input."""
 
-    def __init__(self, coarse: str, engine: EngineConfig, threads: int = 1) -> None:
-        super().__init__(coarse, None, replace(engine, mode="coarse"), threads)
+    def __init__(self, coarse: str, engine: EngineConfig, threads: int = 1, gpu: bool = False) -> None:
+        super().__init__(coarse, None, replace(engine, mode="coarse"), threads, gpu)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         if row.get("status") == STATUS_ERROR:
@@ -129,8 +144,8 @@ class CoarseStage(_Stage):
 class FineStage(_Stage):
     """FINE on the device: windows over the cropped sub-volume -> its mask."""
 
-    def __init__(self, fine: str, engine: EngineConfig, threads: int = 1) -> None:
-        super().__init__(None, fine, replace(engine, mode="fine"), threads)
+    def __init__(self, fine: str, engine: EngineConfig, threads: int = 1, gpu: bool = False) -> None:
+        super().__init__(None, fine, replace(engine, mode="fine"), threads, gpu)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         if row.get("status") in (STATUS_ERROR, STATUS_NO_ORGAN):
@@ -220,7 +235,7 @@ def _finish(row: dict[str, Any], post_ratio: float) -> dict[str, Any]:
     t_label = time.perf_counter() - start
 
     start = time.perf_counter()
-    write_mask(row["mask_uri"], final, like=like)
+    write_mask(row["mask_uri"], final, like=like, description=runs.mask_stamp(row["config_id"], row["run_id"], row["attempt"]))
     row["t_write_s"] = time.perf_counter() - start
     if reference is not None:
         start = time.perf_counter()

@@ -15,9 +15,9 @@ only); scl_slope/scl_inter are applied. Trailing singleton axes past the third (
 holding one volume) are squeezed; anything else that is not 3-D is refused, as is a volume
 with a single voxel along any axis.
 
-DICOM series (a folder URI; not recursive): hidden files, files that are not DICOM and DICOM
-instances without pixels of other kinds (RTSTRUCT, SR, DICOMDIR) are ignored and listed in
-`meta["ignored_files"]`; a CT image file without its pixels (truncated) is an error. The images
+DICOM series (a folder URI; not recursive): hidden files, files that are not DICOM, localizer
+images (ImageType LOCALIZER) and DICOM instances without pixels of other kinds (RTSTRUCT, SR,
+DICOMDIR) are ignored and listed in `meta["ignored_files"]`; a CT image file without its pixels (truncated) is an error. The images
 must form exactly ONE series (SeriesInstanceUID; a folder mixing several is refused, listing
 them, unless `read_volume(uri, series_uid=...)` names the one to read: then only the header
 of each other file is read, and the other series' files are counted in `meta
@@ -675,8 +675,9 @@ def shown_uid(value: str) -> str:
 # Writing
 
 
-def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
-    """Gzipped NIfTI-1 of `array` with sform = `affine` (code 'scanner') and units mm.
+def nifti_bytes(array: np.ndarray, affine: np.ndarray, description: str = "") -> bytes:
+    """Gzipped NIfTI-1 of `array` with sform = `affine` (code 'scanner') and units mm;
+    `description` (at most 80 bytes) goes into the header's `descrip` field.
 
     The qform equals the sform (code 'scanner') whenever a qform can hold the affine. A
     quaternion cannot hold a shear (a gantry-tilted DICOM series): then the qform holds
@@ -691,16 +692,29 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     if not np.allclose(image.get_qform(), affine, rtol=1e-5, atol=1e-4):
         image.set_qform(affine, code=0)
     image.header.set_xyzt_units("mm")
+    image.header["descrip"] = description.encode()[:80]
     return gzip.compress(image.to_bytes(), compresslevel=1)
 
 
-def write_nifti(uri: str, array: np.ndarray, affine: np.ndarray) -> None:
+def write_nifti(uri: str, array: np.ndarray, affine: np.ndarray, description: str = "") -> None:
     """Write a gzipped NIfTI at `uri`, whole or not at all."""
-    storage.write_bytes(uri, nifti_bytes(array, affine))
+    storage.write_bytes(uri, nifti_bytes(array, affine, description))
 
 
-def write_mask(uri: str, mask: np.ndarray, like: Volume) -> None:
-    """Write `mask` as uint8 NIfTI on exactly `like`'s shape and affine, whole or not at all."""
+def read_description(uri: str) -> str | None:
+    """The `descrip` field of a gzipped NIfTI's header, from its first bytes (None: unreadable)."""
+    try:
+        fs, path = storage.filesystem(uri)
+        with fs.open(path, "rb", block_size=1 << 14) as handle:
+            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(handle.read(1 << 14), 348)
+        return bytes(nib.Nifti1Header.from_fileobj(BytesIO(head))["descrip"].item()).decode(errors="replace")
+    except Exception:  # noqa: BLE001  (a missing or broken mask is one to recompute)
+        return None
+
+
+def write_mask(uri: str, mask: np.ndarray, like: Volume, description: str = "") -> None:
+    """Write `mask` as uint8 NIfTI on exactly `like`'s shape and affine, whole or not at all;
+    `description` names what made it (the archive job stamps the row that owns it)."""
     mask = np.asarray(mask)
     if tuple(mask.shape) != like.shape:
         raise ValueError(f"{uri}: mask shape {mask.shape} differs from the input's {like.shape}")
@@ -708,4 +722,4 @@ def write_mask(uri: str, mask: np.ndarray, like: Volume) -> None:
         mask.dtype.kind not in "iuf" or (mask.size and (mask.min() < 0 or mask.max() > 255 or np.any(mask % 1)))
     ):
         raise ValueError(f"{uri}: mask values must be integer labels in 0..255 (dtype {mask.dtype})")
-    write_nifti(uri, mask.astype(np.uint8), like.affine)
+    write_nifti(uri, mask.astype(np.uint8), like.affine, description)

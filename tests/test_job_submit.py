@@ -22,6 +22,7 @@ from ray_cluster import REPO, Cluster, ray_cluster_fixture  # noqa: F401  (sessi
 
 from resdsn_ray import config, runs, storage
 from resdsn_ray.bundle import save_bundle
+from resdsn_ray.cluster import worker_env
 from resdsn_ray.config import ModelConfig
 from resdsn_ray.model import build_model
 from resdsn_ray.synthetic import write_archive
@@ -40,8 +41,8 @@ def ray_job(cluster: Cluster, *args: str, timeout: float = 300) -> subprocess.Co
 
 
 def submit(cluster: Cluster, job_args: list[str], *, wait: bool, submission_id: str) -> subprocess.CompletedProcess:
-    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k.lower() == "no_proxy"}
-    runtime_env = {"excludes": EXCLUDES, "env_vars": aws}
+    # As the README advises: only non-secret settings travel; the nodes hold the credentials.
+    runtime_env = {"excludes": EXCLUDES, "env_vars": worker_env()}
     return ray_job(
         cluster, "submit", "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
         "--submission-id", submission_id, *([] if wait else ["--no-wait"]),

@@ -6,7 +6,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from resdsn_ray import query, runs
+import numpy as np
+
+from resdsn_ray import query, runs, volumes
 from resdsn_ray.pipeline import this_runs_cases
 
 T0 = datetime(2026, 11, 27, tzinfo=timezone.utc)
@@ -17,10 +19,11 @@ def _row(case: str, mode: str, status: str, config: str, minute: int, run: str =
             "finished_at": T0 + timedelta(minutes=minute)}
 
 
-def _mask(output: Path, case: str, mode: str) -> None:
-    path = Path(runs.mask_uri(str(output), case, mode))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"mask")
+def _mask(output: Path, case: str, mode: str, config: str, run: str = "r1", attempt: int = 1) -> None:
+    """A real mask stamped as the attempt (config, run, attempt) writes it."""
+    like = volumes.Volume(array=np.zeros((4, 4, 2), np.float32), affine=np.eye(4), source=case)
+    volumes.write_mask(runs.mask_uri(str(output), case, mode), np.zeros((4, 4, 2), np.uint8), like,
+                       description=runs.mask_stamp(config, run, attempt))
 
 
 def test_each_mode_keeps_its_own_masks_and_done_cases(tmp_path: Path):
@@ -29,8 +32,8 @@ def test_each_mode_keeps_its_own_masks_and_done_cases(tmp_path: Path):
     assert runs.mask_uri(str(out), "a", "coarse") == str(out / "masks" / "coarse" / "a.nii.gz")
     runs.write_rows(str(out), "r1", 0, [_row("a", "c2f", "ok", "C", 0), _row("a", "coarse", "ok", "K", 1),
                                         _row("b", "coarse", "ok", "K", 2)])
-    for case, mode in (("a", "c2f"), ("a", "coarse"), ("b", "coarse")):
-        _mask(out, case, mode)
+    for case, mode, config in (("a", "c2f", "C"), ("a", "coarse", "K"), ("b", "coarse", "K")):
+        _mask(out, case, mode, config)
     c2f, coarse = runs.History.load(str(out), "c2f"), runs.History.load(str(out), "coarse")
     # The coarse-only row written after the C2F one does not make the C2F result stale.
     assert c2f.is_done("a", "C") and not c2f.is_done("b", "C")
@@ -43,10 +46,20 @@ def test_a_later_failure_or_a_missing_mask_means_not_done(tmp_path: Path):
     out = tmp_path / "out"
     runs.write_rows(str(out), "r1", 0, [_row("a", "c2f", "ok", "C", 0), _row("b", "c2f", "ok", "C", 1)])
     runs.write_rows(str(out), "r2", 0, [_row("a", "c2f", "error", "C", 5, run="r2")])
-    _mask(out, "a", "c2f")  # b's mask is missing (never written, or removed)
+    _mask(out, "a", "c2f", "C")  # b's mask is missing (never written, or removed)
     history = runs.History.load(str(out), "c2f")
     assert not history.is_done("a", "C") and not history.is_done("b", "C")
     assert history.next_attempt("a") == 2
+
+
+def test_a_mask_written_by_another_attempt_is_not_trusted(tmp_path: Path):
+    """A crashed run with other settings overwrote the mask but left no row: recompute, never skip."""
+    out = tmp_path / "out"
+    runs.write_rows(str(out), "r1", 0, [_row("a", "c2f", "ok", "C", 0), _row("b", "c2f", "ok", "C", 1)])
+    _mask(out, "a", "c2f", "C")
+    _mask(out, "b", "c2f", "OTHER", run="r2", attempt=2)  # the crashed attempt's mask
+    history = runs.History.load(str(out), "c2f")
+    assert history.is_done("a", "C") and not history.is_done("b", "C")
 
 
 def test_latest_rows_are_per_case_and_mode(tmp_path: Path):
