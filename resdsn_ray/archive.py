@@ -322,7 +322,7 @@ def _nnunet_names(names: list[str], labels: dict[str, str]) -> dict[str, str]:
     """Image name -> case id under nnU-Net's naming (`<case>_<4-digit channel>`), if the folder uses it.
 
     It does when every image ends with a channel number, every case has channel 0000, and no
-    label carries a channel number itself (MSD ids such as `liver_0001` have labels of that name).
+    label has an image's own name (MSD ids such as `liver_0001` have labels of that name).
     """
     matches = {name: NNUNET_CHANNEL.fullmatch(case_id_from_name(name)) for name in names}
     if not matches or not all(matches.values()):
@@ -407,7 +407,7 @@ def _dicom_cases(tree: _Tree, prefix: str, files: dict[str, dict[str, Any]]) -> 
                               f"(first: {unreadable[folder][0]})")
             cases.append(Case(_path_id(folder) if folder else _root_id(tree), folder_uri, error=error))
             continue
-        for case_id, uid in _series_ids(folder, images, tree).items():
+        for case_id, uid in _series_ids(folder, images).items():
             cases.append(Case(case_id, folder_uri, error=error, series_uid=uid))
     return cases
 
@@ -433,7 +433,7 @@ def _header(ds: Dataset) -> _Header:
     )
 
 
-def _series_ids(folder: str, images: dict[str, list[_Header]], tree: _Tree) -> dict[str, str]:
+def _series_ids(folder: str, images: dict[str, list[_Header]]) -> dict[str, str]:
     """Case id -> SeriesInstanceUID of the CT series of one folder, unique within the folder."""
     if not images:
         return {}
