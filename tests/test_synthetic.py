@@ -13,8 +13,8 @@ import pytest
 from scipy import ndimage
 
 from resdsn_ray import storage
-from resdsn_ray.volumes import read_volume
 from resdsn_ray.synthetic import case_seed, make_case, write_archive
+from resdsn_ray.volumes import read_volume
 
 SEEDS = range(10)
 
