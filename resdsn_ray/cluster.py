@@ -56,6 +56,11 @@ def node_cpus() -> list[float]:
     return [c for c in cpus if c > 0] or [0.0]
 
 
+def node_memory() -> list[float]:
+    """Memory (bytes) Ray may hand out on each alive node of the connected cluster ([] when none)."""
+    return [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("memory")]
+
+
 def fit_cpus(actors: int, node_cpus: list[float], actor: float | None = None, task: float | None = None) -> tuple[float, float]:
     """CPUs to reserve per actor and per task so that the job cannot stall on this cluster.
 

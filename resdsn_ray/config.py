@@ -211,6 +211,7 @@ class Resources(Settings):
     threads_per_actor: int | None = None  # torch CPU threads per actor; None: round(cpus_per_actor), at least 1
     read_tasks: int = 2
     actor_start_timeout_s: float = 600.0  # fail instead of hanging when no node can host an actor
+    max_case_gb: float | None = None  # memory one case may need (reserved per task and actor); None: 1/4 of the smallest node's
 
     def check(self) -> None:
         for name in ("coarse_actors", "fine_actors", "threads_per_actor"):
@@ -220,6 +221,7 @@ class Resources(Settings):
         self.require("gpus_per_actor", self.gpus_per_actor is None or self.gpus_per_actor >= 0, "0 or more")
         self.require("read_tasks", self.read_tasks >= 1, "at least 1")
         self.require("actor_start_timeout_s", self.actor_start_timeout_s > 0, "positive")
+        self.require("max_case_gb", self.max_case_gb is None or self.max_case_gb > 0, "positive")
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from ray.exceptions import GetTimeoutError
 from resdsn_ray import runs, storage
 from resdsn_ray.archive import Case, is_manifest, list_cases
 from resdsn_ray.bundle import load_bundle
-from resdsn_ray.cluster import connect, fit_cpus, node_cpus, runtime_env
+from resdsn_ray.cluster import connect, fit_cpus, node_cpus, node_memory, runtime_env
 from resdsn_ray.config import (
     STATUS_ERROR,
     STATUS_SKIPPED,
@@ -100,8 +100,10 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
     context.enable_progress_bars = False
     context.max_errored_blocks = -1  # a case lost with its worker must not end the run
     env = runtime_env()
-    task = {"num_cpus": res.task_cpus, "compute": TaskPoolStrategy(size=max(1, res.read_tasks)), "runtime_env": env,
-            "max_retries": PROCESS_RETRIES}
+    case_bytes = int(res.max_case_gb * 1e9) if res.max_case_gb else None
+    # Every task and actor reserves one case's memory: a node never runs more big cases than fit.
+    task = {"num_cpus": res.task_cpus, "memory": case_bytes, "compute": TaskPoolStrategy(size=max(1, res.read_tasks)),
+            "runtime_env": env, "max_retries": PROCESS_RETRIES}
     threads = res.threads_per_actor or max(1, round(res.cpus_per_actor or 1))
 
     def pool(size: int | None) -> dict[str, Any]:
@@ -113,6 +115,7 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
                                          max_tasks_in_flight_per_actor=MAX_IN_FLIGHT_PER_ACTOR),
             "num_cpus": res.cpus_per_actor,
             "num_gpus": res.gpus_per_actor or None,
+            "memory": case_bytes,
             "runtime_env": env,
             "max_task_retries": PROCESS_RETRIES,
         }
@@ -122,7 +125,7 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
     common = {"engine": engine, "threads": threads, "gpu": bool(res.gpus_per_actor)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ds.map(read_case, fn_kwargs=preprocess, **task)
+        ds = ds.map(read_case, fn_kwargs=preprocess | {"max_bytes": case_bytes}, **task)
         if pools(job) == 2:
             ds = ds.map(CoarseStage, fn_constructor_kwargs={"coarse": job.coarse, **common}, **pool(res.coarse_actors))
             ds = ds.map(FineStage, fn_constructor_kwargs={"fine": job.fine, **common}, **pool(res.fine_actors))
@@ -270,7 +273,20 @@ def _connect_and_resolve(job: ArchiveJob) -> Resources:
     auto = auto_actors(res, n_pools, cluster)
     coarse, fine = res.coarse_actors or auto, (res.fine_actors or auto) if n_pools == 2 else 0
     actor_cpus, task_cpus = fit_cpus(coarse + fine, node_cpus(), res.cpus_per_actor, res.task_cpus)
-    return replace(res, coarse_actors=coarse, fine_actors=fine or None, cpus_per_actor=actor_cpus, task_cpus=task_cpus)
+    return replace(res, coarse_actors=coarse, fine_actors=fine or None, cpus_per_actor=actor_cpus, task_cpus=task_cpus,
+                   max_case_gb=fit_case_memory(res.max_case_gb, node_memory()))
+
+
+def fit_case_memory(asked_gb: float | None, node_memory: list[float]) -> float | None:
+    """The case budget in GB: as asked, else a quarter of the smallest node's memory (None: nodes
+    not known yet). A budget over half a node's memory could leave no room for a task beside an actor."""
+    if not node_memory:
+        return asked_gb
+    smallest = min(node_memory) / 1e9
+    if asked_gb is not None and asked_gb > smallest / 2:
+        raise InputError("--max-case-gb", f"{asked_gb:g} GB per case does not fit twice on the smallest node "
+                                          f"({smallest:.1f} GB for Ray); lower it or use larger nodes")
+    return asked_gb if asked_gb is not None else round(smallest / 4, 3)
 
 
 def _listing_error(row: dict[str, Any], case: Case, history: runs.History) -> dict[str, Any]:

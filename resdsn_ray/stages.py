@@ -61,12 +61,14 @@ def _quiet_numpy_views() -> None:
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
-def read_case(row: dict[str, Any], coarse: PreprocessConfig | None, fine: PreprocessConfig | None) -> dict[str, Any]:
-    """CPU task: decode the image and preprocess it for each stage's bundle."""
+def read_case(row: dict[str, Any], coarse: PreprocessConfig | None, fine: PreprocessConfig | None,
+              max_bytes: int | None = None) -> dict[str, Any]:
+    """CPU task: decode the image and preprocess it for each stage's bundle; a case whose header says
+    it needs more than `max_bytes` to segment is refused before decoding (`volumes.peak_bytes`)."""
     row = dict(row, started_at=time.time())
     try:
         start = time.perf_counter()
-        volume = read_volume(row["image_uri"], series_uid=row.get("series_uid") or None)
+        volume = read_volume(row["image_uri"], series_uid=row.get("series_uid") or None, max_bytes=max_bytes)
         row["t_read_s"] = time.perf_counter() - start
         start = time.perf_counter()
         coarse_input, fine_input = prepare_inputs(volume.array, coarse, fine)
@@ -102,7 +104,7 @@ class _Stage:
     torch on a GPU node would otherwise segment the archive on the CPU, slowly and silently.
     """
 
-    def __init__(self, coarse: str | None, fine: str | None, engine: EngineConfig, threads: int, gpu: bool = False) -> None:
+    def __init__(self, coarse: str | None, fine: str | None, engine: EngineConfig, threads: int = 1, gpu: bool = False) -> None:
         _quiet_numpy_views()
         torch.set_num_threads(max(1, threads))
         if gpu and not torch.cuda.is_available():

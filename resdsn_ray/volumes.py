@@ -69,6 +69,8 @@ AIR_HU = -1000.0
 """HU written where DICOM pixel padding marks voxels outside the scanned field of view."""
 MAX_AXIS = 4096
 MAX_VOXELS = 2_000_000_000
+PEAK_BYTES_PER_VOXEL = 14
+"""Working bytes per voxel while a case is segmented, besides its stored voxels (`peak_bytes`)."""
 SLICE_TOLERANCE = 0.05
 """Largest allowed distance of a slice from its place on the grid, as a fraction of the step."""
 DUPLICATE_MM = 0.01
@@ -131,11 +133,25 @@ def check_same_grid(label: Volume, image_shape: tuple[int, ...], image_affine: n
 # Reading
 
 
-def read_volume(uri: str, series_uid: str | None = None) -> Volume:
+def peak_bytes(voxels: int, stored: np.dtype) -> int:
+    """About the most memory segmenting a volume holds: the stored voxels and the working copies
+    (float32 HU, the preprocessed input, the float32 score map, the uint8 mask)."""
+    return voxels * (np.dtype(stored).itemsize + PEAK_BYTES_PER_VOXEL)
+
+
+def _check_budget(uri: str, voxels: int, stored: np.dtype, max_bytes: int | None) -> None:
+    if max_bytes and peak_bytes(voxels, stored) > max_bytes:
+        raise InputError(uri, f"needs about {peak_bytes(voxels, stored) / 1e9:.1f} GB to segment ({voxels:,} voxels "
+                              f"stored as {np.dtype(stored)}), over the case budget of {max_bytes / 1e9:g} GB (--max-case-gb)")
+
+
+def read_volume(uri: str, series_uid: str | None = None, max_bytes: int | None = None) -> Volume:
     """Read a NIfTI file or a DICOM series folder at `uri` (path, file://, s3://, any fsspec URL).
 
     `series_uid` picks one series of a folder that holds several (what `archive` lists as a
-    case); with it, a NIfTI file or a folder without that series is refused.
+    case); with it, a NIfTI file or a folder without that series is refused. A volume whose
+    header says it would need more than `max_bytes` to segment (`peak_bytes`) is refused before
+    its voxels are decoded: a 1 MB file may honestly describe gigabytes.
     """
     uri = str(uri)
     try:
@@ -148,7 +164,7 @@ def read_volume(uri: str, series_uid: str | None = None) -> Volume:
     except Exception as exc:
         raise InputError(uri, f"cannot access: {safe_reason(exc)}") from exc
     if is_dir:
-        return _read_dicom_series(uri, fs, path, series_uid)
+        return _read_dicom_series(uri, fs, path, series_uid, max_bytes)
     if not is_file:
         raise InputError(uri, "does not exist")
     if series_uid:
@@ -159,10 +175,10 @@ def read_volume(uri: str, series_uid: str | None = None) -> Volume:
         raise
     except Exception as exc:
         raise InputError(uri, f"cannot read: {safe_reason(exc)}") from exc
-    return _read_nifti(uri, data)
+    return _read_nifti(uri, data, max_bytes)
 
 
-def _read_nifti(uri: str, data: bytes) -> Volume:
+def _read_nifti(uri: str, data: bytes, max_bytes: int | None = None) -> Volume:
     if not data:
         raise InputError(uri, "empty file")
     compressed = data[:2] == b"\x1f\x8b"
@@ -172,6 +188,7 @@ def _read_nifti(uri: str, data: bytes) -> Volume:
         klass = _nifti_class(uri, head)
         header = klass.header_class.from_fileobj(BytesIO(head), check=False)  # unfixed, to judge it
         shape, dtype = _checked_header(uri, header)
+        _check_budget(uri, int(np.prod(shape, dtype=np.int64)), dtype, max_bytes)
         offset = int(header.get_data_offset())
         needed = offset + int(np.prod(header.get_data_shape(), dtype=np.int64)) * dtype.itemsize
         if compressed:
@@ -329,7 +346,7 @@ def _folder_files(uri: str, fs: Any, path: str) -> tuple[list[dict[str, Any]], i
     return files, sum(e.get("type") == "directory" for e in entries)
 
 
-def _read_dicom_series(uri: str, fs: Any, path: str, series_uid: str | None) -> Volume:
+def _read_dicom_series(uri: str, fs: Any, path: str, series_uid: str | None, max_bytes: int | None = None) -> Volume:
     files, folders = _folder_files(uri, fs, path)
     names = [e["name"] for e in files]
     ignored: list[str] = []
@@ -380,6 +397,7 @@ def _read_dicom_series(uri: str, fs: Any, path: str, series_uid: str | None) -> 
     row, col = _orientation(first)
     spacing = _floats(first, "PixelSpacing", 2)
     rows, cols = int(first.ds.Rows), int(first.ds.Columns)
+    _check_budget(uri, rows * cols * len(slices), _stored_dtype(first), max_bytes)
     for s in slices[1:]:
         if not np.allclose(_floats(s, "ImageOrientationPatient", 6), np.r_[row, col], atol=1e-4):
             raise InputError(s.uri, f"ImageOrientationPatient differs from {_name(first)}'s within the series")
