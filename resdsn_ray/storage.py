@@ -1,10 +1,14 @@
 """URLs and whole-or-nothing I/O on any fsspec filesystem (local paths, file://, s3://).
 
 S3 goes through s3fs, which honours the standard AWS variables, AWS_ENDPOINT_URL included.
+Every S3 client the project makes retries throttling and 5xx answers with botocore's backoff
+(`s3_retries`), and no failure to ask is ever read as "does not exist": only a real
+FileNotFoundError is; anything else propagates (`is_retryable` tells a rerun's chance).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
@@ -15,7 +19,16 @@ from typing import Any
 import fsspec
 from fsspec.registry import get_filesystem_class
 
+from resdsn_ray.errors import InputError
+
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_S3_SCHEMES = ("s3", "s3a")
+
+RETRY_MODES = ("legacy", "standard", "adaptive")
+RETRY_MODE = "adaptive"
+"""botocore retry mode when AWS_RETRY_MODE is unset: backoff plus client-side rate limiting on throttling."""
+MAX_ATTEMPTS = 10
+"""Attempts per S3 request (the first included) when AWS_MAX_ATTEMPTS is unset."""
 
 
 def scheme(uri: str) -> str:
@@ -32,8 +45,33 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     `file:///x/a::b` silently becomes `/x/a`).
     """
     uri = str(uri)
-    cls = get_filesystem_class(scheme(uri) or "file")
-    return cls(**cls._get_kwargs_from_urls(uri)), cls._strip_protocol(uri)
+    protocol = scheme(uri) or "file"
+    cls = get_filesystem_class(protocol)
+    options = cls._get_kwargs_from_urls(uri)
+    if protocol in _S3_SCHEMES:
+        options = {**_s3_options(), **options}
+    return cls(**options), cls._strip_protocol(uri)
+
+
+def s3_retries() -> dict[str, Any]:
+    """botocore's `retries` setting of every S3 client: AWS_RETRY_MODE / AWS_MAX_ATTEMPTS (the
+    standard variables, which the workers get too) or `RETRY_MODE` x `MAX_ATTEMPTS`.
+
+    botocore retries 500/502/503/504, throttling (SlowDown) and connection errors with
+    exponential backoff; s3fs repeats a call that still fails with SlowDown up to its own
+    `retries` (5) times, so one call makes at most 5 x AWS_MAX_ATTEMPTS requests: bounded.
+    """
+    mode = os.environ.get("AWS_RETRY_MODE") or RETRY_MODE
+    attempts = os.environ.get("AWS_MAX_ATTEMPTS") or str(MAX_ATTEMPTS)
+    if mode not in RETRY_MODES:
+        raise InputError("AWS_RETRY_MODE", f"must be one of {', '.join(RETRY_MODES)}, not {mode!r}")
+    if not attempts.isdigit() or int(attempts) < 1:
+        raise InputError("AWS_MAX_ATTEMPTS", f"must be a whole number of at least 1, not {attempts!r}")
+    return {"mode": mode, "total_max_attempts": int(attempts)}  # botocore's "max_attempts" would count retries only
+
+
+def _s3_options() -> dict[str, Any]:
+    return {"config_kwargs": {"retries": s3_retries()}}
 
 
 def is_local(uri: str) -> bool:
@@ -56,8 +94,67 @@ def join(uri: str, *parts: str) -> str:
 
 
 def exists(uri: str) -> bool:
+    """Whether `uri` names a file or folder. Only a real "not found" is False: a 5xx, a denied
+    or unreachable store raises (fsspec's own `exists`/`isfile` answer False to any error)."""
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    try:
+        fs.info(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
+
+
+def is_file(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """`fs.isfile(path)` that raises on a failure to ask instead of answering False."""
+    try:
+        return fs.info(path)["type"] == "file"
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+_RETRYABLE_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded", "BandwidthLimitExceeded",
+    "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeoutException",
+    "PriorRequestNotComplete", "OperationAborted", "ConditionalRequestConflict",
+})
+_RETRYABLE_ERRNOS = frozenset({
+    errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO), errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+    errno.ECONNABORTED, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN,
+})
+_RETRYABLE_NAMES = frozenset({  # botocore / aiohttp / fsspec transport errors, matched by name (no import)
+    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+    "HTTPClientError", "ResponseStreamingError", "IncompleteRead", "ClientPayloadError", "ServerDisconnectedError",
+    "ClientConnectorError", "ClientOSError", "FSTimeoutError",
+})
+
+
+def is_retryable(err: BaseException) -> bool:
+    """Whether `err` (or an error it was raised from) is a transient storage failure that a rerun
+    may not meet again: throttling, a 5xx, a timeout or a dropped connection, after botocore's
+    own retries. A missing or denied object, or bad content, is not.
+
+    Follows `__cause__` / `__context__`, so an InputError raised `from` an S3 error counts
+    (in the process that raised it: pickling keeps only an InputError's source and reason).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        response = getattr(current, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if code in _RETRYABLE_CODES or int(status) >= 500 or int(status) == 429 or code[:1] == "5":
+                return True
+        if type(current).__name__ in _RETRYABLE_NAMES or isinstance(current, (TimeoutError, ConnectionError)):
+            return True
+        if isinstance(current, OSError) and current.errno in _RETRYABLE_ERRNOS:
+            return True
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return False
 
 
 def read_bytes(uri: str) -> bytes:
@@ -96,10 +193,14 @@ def write_text(uri: str, text: str) -> None:
 
 
 def storage_options(uri: str) -> dict[str, Any]:
-    """Keyword options for readers that take fsspec `storage_options` (pandas, pyarrow)."""
-    if str(uri).startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
-        return {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
-    return {}
+    """Keyword options for readers that take fsspec `storage_options` (pandas, pyarrow): the
+    retry policy of `filesystem`, and the endpoint."""
+    if scheme(uri) not in _S3_SCHEMES:
+        return {}
+    options = _s3_options()
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        options["client_kwargs"] = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
+    return options
 
 
 def write_json(uri: str, record: Any) -> None:
