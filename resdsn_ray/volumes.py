@@ -158,7 +158,7 @@ def read_volume(uri: str, series_uid: str | None = None, max_bytes: int | None =
         fs, path = storage.filesystem(uri)
         fs.invalidate_cache()
         is_dir = fs.isdir(path)
-        is_file = not is_dir and fs.isfile(path)
+        is_file = not is_dir and storage.is_file(fs, path)  # a 5xx is "cannot access", never "does not exist"
     except (MemoryError, InputError):
         raise
     except Exception as exc:
