@@ -169,6 +169,8 @@ def run(*args: str) -> subprocess.CompletedProcess:
         (["cv", "--data", "d", "--output", "o", "--train-batch-size", "0"], "--train-batch-size"),
         (["archive", "--input", "in", "--output", "out", "--read-tasks", "0"], "--read-tasks"),
         (["cv", "--data", "d", "--output", "o", "--folds", "1"], "--folds"),
+        (["archive", "--input", "in", "--output", "out"], "--coarse"),  # real CT needs real models
+        (["segment", "x.nii.gz", "--out", "m.nii.gz", "--fine", "f"], "--coarse"),
     ],
 )
 def test_a_bad_setting_is_refused_by_name_with_exit_2(argv, flag):

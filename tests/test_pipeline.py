@@ -119,6 +119,7 @@ def test_rows_in_parquet_and_the_run_record_in_s3(whole, bundles):
     for row in table.to_pylist():
         assert row["coarse_model"] == coarse_id and row["fine_model"] == fine_id
         assert row["attempt"] == 1 and row["node"] and row["node_id"] and row["finished_at"] >= row["started_at"]
+        assert row["device"] == "cpu" and row["compute_dtype"] == ENGINE.precision and row["demo_models"] is False
         assert row["coarse_windows"] > 0 and row["t_read_s"] > 0 and row["t_coarse_s"] > 0 and row["t_write_s"] > 0
         assert row["t_total_s"] >= row["t_coarse_s"] + row["t_read_s"]
         assert row["label_uri"] and row["dsc"] is not None and row["ref_volume_ml"] > 0

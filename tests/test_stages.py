@@ -16,6 +16,7 @@ from resdsn_ray import runs, volumes
 from resdsn_ray.bundle import load_bundle, save_bundle
 from resdsn_ray.config import EngineConfig, ModelConfig, WindowConfig
 from resdsn_ray.engine import CoarseToFine
+from resdsn_ray.errors import InputError
 from resdsn_ray.model import build_model
 from resdsn_ray.stages import WholeCase, finish_case, read_case
 from resdsn_ray.synthetic import write_archive
@@ -68,3 +69,10 @@ def test_a_case_over_its_memory_budget_is_refused_from_its_header(tmp_path: Path
     assert row["error"].startswith("read: ") and "case budget of 2 GB" in row["error"] and "--max-case-gb" in row["error"]
     unbounded = read_case(case_row(str(poison), "", str(tmp_path / "m.nii.gz")), None, None)
     assert unbounded["status"] == "error" and "truncated" in unbounded["error"]  # the budget spoke first above
+
+
+def test_an_actor_given_a_gpu_that_torch_cannot_see_refuses_to_start(bundles: dict[str, str]):
+    if torch.cuda.is_available():
+        pytest.skip("this machine's torch sees a CUDA device")
+    with pytest.raises(InputError, match="holds a GPU but torch .* sees no CUDA device"):
+        WholeCase(bundles["coarse"], bundles["fine"], ENGINE, gpu=True)
