@@ -136,6 +136,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     }
     if reference is not None:
         report.update(case_metrics(result.mask > 0, reference.array > 0, volume.spacing))
+    if args.json:
+        print(json.dumps(report))
+        return 0
     for key, value in report.items():
         shown = f"{value:.4f}" if isinstance(value, float) else json.dumps(value) if isinstance(value, list) else value
         print(f"{key:>16}: {shown}")
@@ -383,6 +386,7 @@ def add_cv_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resdsn", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"resdsn_ray {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     synth = commands.add_parser("synth", help="write a synthetic CT archive (MSD layout)")
@@ -396,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("image", help="NIfTI file or DICOM series folder (path or URI)")
     segment.add_argument("--out", required=True, help="output mask URI (.nii.gz)")
     segment.add_argument("--label", help="reference mask: print metrics")
+    segment.add_argument("--json", action="store_true", help="print the case's row as one JSON object")
     add_bundle_flags(segment)
     add_engine_flags(segment)
     segment.set_defaults(run=cmd_segment)
@@ -435,6 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--run", dest="run_id", help="only runs whose id is or starts with this")
     report.set_defaults(run=cmd_report)
     return parser
+
+
+def _version() -> str:
+    from resdsn_ray.provenance import provenance
+
+    record = provenance()
+    return f"{record['resdsn_ray']}" + (f" ({record['git_commit']})" if record["git_commit"] else "")
 
 
 ARCHIVE_HELP = """Coarse-to-fine segmentation of a whole archive as one Ray Data stream (resdsn_ray.pipeline).

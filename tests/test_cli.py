@@ -55,3 +55,16 @@ def test_segment_names_the_bad_input_and_exits_nonzero(tmp_path):
     assert done.returncode == 2
     assert "broken.nii.gz" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_version_and_a_json_row(tmp_path):
+    done = resdsn("--version")
+    assert done.returncode == 0 and done.stdout.startswith("resdsn_ray ")
+    archive = tmp_path / "archive"
+    assert resdsn("synth", str(archive), "--cases", "1", "--seed", "2", "--shape", "40", "40", "24").returncode == 0
+    done = resdsn("segment", str(archive / "imagesTr" / "case_0000.nii.gz"), "--out", str(tmp_path / "m.nii.gz"),
+                  "--label", str(archive / "labelsTr" / "case_0000.nii.gz"), "--demo-models", "--n-coarse", "0",
+                  "--n-fine", "0", "--json")
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout)
+    assert row["demo_models"] is True and row["shape"] == [40, 40, 24] and 0.0 <= row["dsc"] <= 1.0
