@@ -164,7 +164,8 @@ def run_fold(job: CVJob, fold: int, run_prefix: str) -> dict[str, Any]:
         bundle = trained_bundle(out)
         if bundle is None:
             say(f"training {stage} -> {out}")
-            result = train(job.train[stage], out, cases_uri=storage.join(folder, "train.csv"), val_cases=job.val_cases,
+            result = train(job.train[stage], out, data=job.data, cases_uri=storage.join(folder, "train.csv"),
+                           val_cases=job.val_cases,
                            workers=job.workers_per_trial, gpu=job.gpu, cpus_per_worker=job.cpus_per_worker,
                            max_failures=job.max_failures)
             bundle = result.bundle_uri
@@ -178,6 +179,7 @@ def run_fold(job: CVJob, fold: int, run_prefix: str) -> dict[str, Any]:
             input=storage.join(folder, "test.csv"), output=job.output, coarse=bundles["coarse"], fine=bundles["fine"],
             engine=replace(job.engine, mode=mode), resources=resources,
             run_id=_fresh_run_id(job.output, f"{run_prefix}-fold{fold}-{mode}"), fold=fold, progress_s=60.0,
+            allow_prefixes=(job.data,),
         )
         result = run_archive(archive_job, say=say)
         evaluated[mode] = {"run_id": result.run_id, "counts": result.counts}

@@ -50,7 +50,7 @@ from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 from ray.exceptions import GetTimeoutError
 
 from resdsn_ray import runs, storage
-from resdsn_ray.archive import Case, is_manifest, list_cases
+from resdsn_ray.archive import Case, is_manifest, scan
 from resdsn_ray.bundle import load_bundle
 from resdsn_ray.cluster import connect, fit_cpus, node_cpus, node_memory, runtime_env
 from resdsn_ray.config import (
@@ -69,6 +69,7 @@ from resdsn_ray.stages import CoarseStage, FineStage, WholeCase, finish_case, re
 # One case in flight per actor: a case that kills its actor (out of memory) must not take a
 # neighbour's retries with it (measured with two in flight: 4 good cases lost to 8 kills).
 MAX_IN_FLIGHT_PER_ACTOR = 1
+SKIPPED_SHOWN = 100  # files the listing set aside that the run record names
 MAX_AUTO_CPU_ACTORS = 8  # without GPUs, default pools get one single-threaded actor per CPU, up to this
 # A case whose task or actor process dies (killed for memory, a crash in native code) is retried
 # this many times, then dropped from the stream and reported as an error row: never retried
@@ -159,7 +160,8 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
     """Segment every case of `job.input` not already done under `job.output`."""
     started = time.time()
     _check_output(job)
-    cases = list_cases(job.input, allow_prefixes=job.allow_prefixes)
+    listing = scan(job.input, allow_prefixes=job.allow_prefixes)
+    cases = listing.cases
     mode = job.engine.mode
     coarse = load_bundle(job.coarse) if mode != "fine" else None
     fine = load_bundle(job.fine) if mode != "coarse" else None
@@ -201,11 +203,16 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
         "started_at": utc_iso(started),
         "cases": len(cases),
         "to_segment": len(todo),
+        "skipped_files": [f"{s.uri}: {s.reason}" for s in listing.skipped[:SKIPPED_SHOWN]],
+        "skipped_files_count": len(listing.skipped),
     }
     runs.write_run_record(job.output, run_id, record)
     say(f"run {run_id}: {len(cases)} cases in {job.input}; {len(todo)} to segment, "
         f"{sum(r['status'] == STATUS_SKIPPED for r in immediate)} already done, "
         f"{sum(r['status'] == STATUS_ERROR for r in immediate)} rejected at listing")
+    if listing.skipped:
+        say(f"{len(listing.skipped)} file(s) not a case (localizers, reports, non-images), e.g. "
+            + "; ".join(f"{s.uri}: {s.reason}" for s in listing.skipped[:3]) + f" (run record: up to {SKIPPED_SHOWN})")
 
     writer = _RowWriter(job, run_id)
     for row in immediate:

@@ -263,14 +263,16 @@ class TrainResult:
 def training_cases(data: str | None, cases_uri: str | None) -> tuple[list[Case], list[dict[str, str]]]:
     """Labelled, well-named cases of the archive (or of the `cases_uri` manifest), and the rest.
 
-    The rest (bad ids, no label) come back as {case_id, reason}: they cannot train anything.
+    A manifest's entries may point inside `data` when both are given (a cross-validation fold's
+    train.csv lists cases of its archive), else inside the manifest's own folder. The rest (bad
+    ids, no label, outside those) come back as {case_id, reason}: they cannot train anything.
     """
     source = cases_uri or data
     if not source:
         raise InputError("--data", "give an archive (--data) or a manifest (--cases)")
     usable: list[Case] = []
     rejected: list[dict[str, str]] = []
-    for case in list_cases(source):
+    for case in list_cases(source, allow_prefixes=[data] if cases_uri and data else None):
         if case.error:
             rejected.append({"case_id": case.case_id, "reason": case.error})
         elif not case.label_uri:
