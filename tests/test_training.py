@@ -186,6 +186,7 @@ def test_two_worker_ddp_run_killed_and_resumed(ray_cluster, quick_failure_detect
     assert isinstance(_finish(run, outcome).get("error"), TrainingFailedError)  # no retries allowed
     newest = _registered_iteration(output)
     assert 10 <= killed_after <= newest < 40 and newest % 10 == 0
+    print(f"killed a worker after checkpoint {killed_after}; the rerun resumes at {newest}")
     assert json_record(output)["status"] == "running"
 
     result = train(config, output, data=data, val_cases=1, workers=2, max_failures=0)  # the same command again
@@ -223,6 +224,7 @@ def test_checkpoints_and_bundle_on_s3_survive_a_killed_worker(ray_cluster, quick
     killed_after = _kill_a_worker_once_a_checkpoint_is_registered(output, run, workers=1)
     result = _finish(run, outcome)["result"]  # restarted within the run, from S3
     assert killed_after <= result.metrics["start_iteration"] < 30 and result.iterations == 30
+    print(f"killed the worker after checkpoint {killed_after}; restarted at {result.metrics['start_iteration']}")
     assert _checkpoints(output) == ["checkpoint_0000020", "checkpoint_0000030"]
     fs, path = storage.filesystem(f"{output}/train/checkpoint_0000030/state.pt")
     state = torch.load(fs.open(path, "rb"), weights_only=True)
