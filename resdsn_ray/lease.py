@@ -54,7 +54,6 @@ ACQUIRE_ROUNDS = 4
 """Attempts to create or take over the lease while it changes hands under us; then a clear error."""
 CLAIM_LEVELS = 3
 """Local takeover claims per lease generation (each one more process that died mid-takeover)."""
-_JOIN_S = 60.0  # longest wait for the heartbeat thread to finish a renewal in progress on release
 _REASON_CHARS = 300
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
@@ -218,9 +217,6 @@ class _LocalStore:
         finally:
             os.close(fd)
 
-    def close(self, fd: int) -> None:
-        os.close(fd)
-
     def _claim_name(self, token: str, level: int) -> str:
         return f"{self.path}.{re.sub(r'[^A-Za-z0-9_-]', '_', token)[:64]}.claim{level}"
 
@@ -342,9 +338,6 @@ class _S3Store:
             if not (isinstance(exc, FileNotFoundError) or _lost_race(exc)):
                 raise
 
-    def close(self, etag: str) -> None:
-        pass
-
 
 def _store(uri: str) -> _LocalStore | _S3Store:
     if storage.is_local(uri):
@@ -359,75 +352,101 @@ def _store(uri: str) -> _LocalStore | _S3Store:
 
 
 class Lease:
-    """A held lease: renewed by a daemon thread until `release`; `lost` (with `reason`) once a
-    renewal finds it taken or gone, or could not renew for longer than the stale age."""
+    """A held lease, renewed by a daemon thread until `release`. `lost` (with `reason`) turns
+    True once a renewal finds it taken or gone, or once renewals have been failing (or one has
+    been stuck in retries) for so long that another run may judge the lease stale."""
 
     def __init__(self, output: str, store: _LocalStore | _S3Store, handle: Any, record: dict[str, Any]) -> None:
         self.output, self.uri = output, lease_uri(output)
         self.run_id, self.token = record["run_id"], record["token"]
         self.heartbeat_s, self.stale_after_s = record["heartbeat_s"], record["stale_after_s"]
         self._store, self._handle, self._record = store, handle, record
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by the renewal in flight
         self._stop = threading.Event()
-        self._renewed = time.monotonic()
+        self._renewed = time.monotonic()  # the last renewal that got through
+        self._attempt: tuple[float, bool | None] = (self._renewed, True)  # last attempt: start, ok (None: in flight)
         self._released = False
-        self.lost = False
+        self._lost = False
         self.reason: str | None = None
         self._thread = threading.Thread(target=self._beat, name=f"lease-{self.run_id}", daemon=True)
         self._thread.start()
+
+    @property
+    def lost(self) -> bool:
+        if not self._lost and not self._released:
+            now = time.monotonic()
+            started, ok = self._attempt
+            troubled = ok is False or (ok is None and now - started >= self.heartbeat_s)
+            if troubled and now - self._renewed + self.heartbeat_s >= self.stale_after_s:
+                self._lose(f"could not renew for {now - self._renewed:.0f} s (the store did not answer); "
+                           "another run may take it over")
+        return self._lost
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             if not self.renew():
                 return
 
-    def renew(self) -> bool:
-        """Renew now; False once the lease is lost (or released)."""
-        with self._lock:
-            if self.lost or self._released:
+    def renew(self, timeout: float | None = None) -> bool:
+        """Renew now (waiting at most `timeout` s for a renewal in flight); False once lost or released."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            return not self.lost
+        try:
+            if self._lost or self._released:
                 return False
             record = dict(self._record, renewals=self._record.get("renewals", 0) + 1, renewed_at=utc_iso())
+            self._attempt = (time.monotonic(), None)
             try:
                 self._handle = self._store.renew(self._handle, record)
             except _Lost as lost:
                 self._lose(str(lost))
                 return False
-            except Exception as exc:  # the store did not answer: the lease holds until it goes stale
-                silent = time.monotonic() - self._renewed
-                if silent + self.heartbeat_s >= self.stale_after_s:
-                    self._lose(f"could not renew for {silent:.0f} s ({_reason(exc)})")
-                    return False
-                return True
+            except Exception:  # the store did not answer: the lease holds until `lost` says otherwise
+                self._attempt = (self._attempt[0], False)
+                return not self.lost
+            self._attempt = (self._attempt[0], True)
+            if self.lost:  # given up while this renewal was in retries: stay lost
+                return False
             self._record = record
             self._renewed = time.monotonic()
             return True
+        finally:
+            self._lock.release()
 
     def _lose(self, reason: str) -> None:
-        self.lost, self.reason = True, reason
+        self._lost, self.reason = True, reason
         self._stop.set()
 
     def check(self) -> None:
         """Raise InputError if the lease is lost; renew first when a renewal is overdue (this
         process may have been frozen), so a writer calling it before each write stops in time."""
         if not self.lost and time.monotonic() - self._renewed > 1.5 * self.heartbeat_s:
-            self.renew()
+            self.renew(timeout=self.heartbeat_s)
         if self.lost:
             raise InputError(self.output, f"this run ({self.run_id}) lost its lease {self.uri}: {self.reason}; "
                                           "it stopped writing")
 
     def release(self) -> None:
-        """Stop renewing and delete the lease if it is still ours (idempotent)."""
+        """Stop renewing and delete the lease if the store still shows it as ours (idempotent).
+
+        Best effort: when a renewal is stuck in retries or the store does not answer, the lease
+        is left to go stale by itself.
+        """
         self._stop.set()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=_JOIN_S)
-        with self._lock:
+        if not self._lock.acquire(timeout=self.heartbeat_s):
+            self._released = True
+            self.reason = self.reason or "released while a renewal was stuck: the lease goes stale by itself"
+            return
+        try:
             if self._released:
                 return
             self._released = True
-            if self.lost:
-                self._store.close(self._handle)
-            else:
+            try:
                 self._store.release(self._handle, self.token, self.stale_after_s)
+            except Exception as exc:
+                self.reason = self.reason or f"release failed, the lease goes stale by itself ({_reason(exc)})"
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> Lease:
         return self

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 S3_START_TIMEOUT_S = 60.0
+AWS_SECRET_MARKER = f"resdsn-secret-marker-{uuid.uuid4().hex}"
+"""The session's S3 secret key: unique, so a test can search Ray's files, APIs and our outputs for it."""
 
 
 @pytest.fixture(scope="session")
@@ -71,8 +73,9 @@ def _clear_s3fs_caches() -> None:
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The endpoint URL of a moto S3 server process; AWS_* variables point at it for the session.
 
-    Credentials are dummies and any profile, session token, service-specific endpoint or shared
-    config is masked, so nothing can reach a real account. Restored at the end.
+    Credentials are dummies (the secret key is `aws_secret_marker`) and any profile, session
+    token, service-specific endpoint or shared config is masked, so nothing can reach a real
+    account. Restored at the end.
     """
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -95,7 +98,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             patch.delenv(name, raising=False)
         patch.setenv("AWS_ENDPOINT_URL", endpoint)
         patch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET_MARKER)
         patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
         patch.setenv("AWS_CONFIG_FILE", str(log_path.parent / "no-aws-config"))
         patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(log_path.parent / "no-aws-credentials"))
@@ -115,6 +118,12 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def aws_secret_marker(s3_server: str) -> str:
+    """The secret key every S3 client and the test cluster's nodes hold: it must never leave them."""
+    return AWS_SECRET_MARKER
 
 
 @pytest.fixture
