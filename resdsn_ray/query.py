@@ -154,7 +154,7 @@ def load(output_uri: str, run: str | None = None) -> pa.Table:
     return rows.filter(keep)
 
 
-def connect(rows: pa.Table) -> duckdb.DuckDBPyConnection:
+def database(rows: pa.Table) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with `rows` as `metrics` and their current results as `latest`.
 
     Its time zone is UTC, as the rows' timestamps, whatever the machine's.
@@ -168,7 +168,7 @@ def connect(rows: pa.Table) -> duckdb.DuckDBPyConnection:
 
 def latest(rows: pa.Table) -> list[dict[str, Any]]:
     """Each case's latest non-skipped row per mode, by case id then mode."""
-    return connect(rows).sql("SELECT * FROM latest ORDER BY case_id, mode").to_arrow_table().to_pylist()
+    return database(rows).sql("SELECT * FROM latest ORDER BY case_id, mode").to_arrow_table().to_pylist()
 
 
 def summarise(rows: pa.Table, output: str, run: str | None = None, by: str = "mode") -> Summary:
@@ -176,7 +176,7 @@ def summarise(rows: pa.Table, output: str, run: str | None = None, by: str = "mo
     if by not in SUMMARY_BY:
         raise InputError("--by", f"must be one of {', '.join(SUMMARY_BY)}, not {by!r}")
     sql = _SUMMARY_SQL.format(fold="fold" if by == "fold" else "NULL::INTEGER")
-    groups = [Group(**g) for g in connect(rows).sql(sql).to_arrow_table().to_pylist()]
+    groups = [Group(**g) for g in database(rows).sql(sql).to_arrow_table().to_pylist()]
     groups.sort(key=lambda g: (g.fold is None, g.fold or 0, mode_key(g.mode)))
     return Summary(output=output, run=run, by=by, groups=groups)
 
@@ -197,7 +197,7 @@ def query(output_uri: str, sql: str, fmt: str = "table", out: str | None = None)
         raise InputError("--format", f"must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if fmt == "parquet" and out is None:
         raise InputError("--format parquet", "needs an output file (--out FILE)")
-    con = connect(load(output_uri))
+    con = database(load(output_uri))
     try:
         relation = con.sql(sql)
         result = relation.to_arrow_table() if relation is not None else None
