@@ -210,20 +210,24 @@ def test_bad_inputs_each_give_one_error_row_and_good_cases_complete(ray_driver, 
     output = f"{bucket}/out-mixed"
     result = run_archive(job(flat, output, bundles))
     rows = {r["case_id"]: r for r in result.rows}
-    assert len(result.rows) == len(rows) == 2 + len(bad) + 1
+    series = sorted(case_id for case_id in rows if case_id.startswith("two_series"))
+    assert len(series) == 2, sorted(rows)  # a folder of two series is two cases, one per series
+    assert len(result.rows) == len(rows) == 2 + len(bad) + 2
     expected = {
         "truncated": "truncated", "empty": "empty file", "four_d": "4-D", "nans": "NaN",
-        "bad\x07id": "control", "up..level": "'..'", "two_series": "2 DICOM series",
+        "bad\x07id": "control", "up..level": "'..'",
     }
     for case_id, fragment in expected.items():
         row = rows[case_id]
         assert row["status"] == "error" and fragment in row["error"], row
         assert row["mask_uri"] is None
-    for case_id in ("good_0", "dicom_good"):
-        assert rows[case_id]["status"] in ("ok", "no_organ"), rows[case_id]["error"]
-        assert load_mask(rows[case_id]["mask_uri"]).shape == read_volume(rows[case_id]["image_uri"]).shape
+    for case_id in ("good_0", "dicom_good", *series):
+        row = rows[case_id]
+        assert row["status"] in ("ok", "no_organ"), row["error"]
+        assert load_mask(row["mask_uri"]).shape == read_volume(row["image_uri"], series_uid=row["series_uid"] or None).shape
+    assert len({rows[case_id]["series_uid"] for case_id in series}) == 2
     masks = sorted(k.rsplit("/", 1)[1] for k in keys(f"{output}/masks"))
-    assert masks == ["dicom_good.nii.gz", "good_0.nii.gz"]
+    assert masks == sorted(["dicom_good.nii.gz", "good_0.nii.gz", *(f"{case_id}.nii.gz" for case_id in series)])
 
 
 def test_single_stage_modes_run_through_the_stage_functions(ray_driver, archive, bundles, bucket):
