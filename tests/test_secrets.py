@@ -218,4 +218,7 @@ def test_no_secret_leaves_the_node(ray_driver, ray_cluster, s3_server, aws_secre
     }
     fs, masks = storage.filesystem(f"{bucket}/submitted/masks")
     assert len(fs.find(masks)) == CASES  # the submitted job did its work
+    scanned = [p for root in session_roots(ray_cluster) for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    print(f"\nscanned {len(scanned)} files ({sum(p.stat().st_size for p in scanned) / 1e6:.0f} MB) under "
+          f"{[str(r) for r in session_roots(ray_cluster)]}, {len(fs.find(bucket.removeprefix('s3://')))} objects")
     assert not any(leaks.values()), f"the secret left the node: {leaks}"
