@@ -1,9 +1,13 @@
-"""Accuracy of a coarse/fine bundle pair on held-out synthetic phantoms, in the paper's layout.
+"""Accuracy of a coarse/fine bundle pair on held-out synthetic phantoms, in the paper's layout,
+and the parity of the engine's fast defaults with fp32.
 
-For each mode (coarse-only, fine-only on the whole volume, C2F) prints mean +- std, min and max
-DSC and the mean seconds per case (paper Tables 2 and 5), from one run.
+For each mode (coarse-only, fine-only on the whole volume, C2F) with the engine's default
+settings (precision and channels-last "auto", resolved as printed), and for C2F in plain fp32
+(contiguous), prints mean +- std, min and max DSC and the mean seconds per case (paper Tables 2
+and 5); then, per case, the DSC of the default C2F mask against the fp32 one. Parity goals:
+>= 0.99 on every case, mean DSC against the ground truth lower by <= 0.002. From one run.
 
-    python bench/accuracy.py [--coarse B --fine B] [--cases 8] [--seed 777]
+    python bench/accuracy.py [--coarse B --fine B] [--cases 8] [--seed 777] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -15,39 +19,66 @@ import numpy as np
 import torch
 
 from resdsn_ray.bundle import demo_bundle_uri, load_bundle
-from resdsn_ray.config import EngineConfig
+from resdsn_ray.config import EngineConfig, WindowConfig, choices
 from resdsn_ray.engine import CoarseToFine
-from resdsn_ray.volumes import Volume
 from resdsn_ray.metrics import case_metrics
 from resdsn_ray.synthetic import case_seed, make_case
+from resdsn_ray.volumes import Volume
+
+REFERENCE = "c2f fp32"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    paper = EngineConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--coarse", default=demo_bundle_uri("coarse"))
     parser.add_argument("--fine", default=demo_bundle_uri("fine"))
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--seed", type=int, default=777, help="archive seed: keep it apart from the training seed")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=choices(EngineConfig, "precision"), default=paper.precision,
+                        help="of the engine compared with fp32 (default: the engine's default)")
+    parser.add_argument("--channels-last", choices=choices(EngineConfig, "channels_last"), default=paper.channels_last)
+    parser.add_argument("--n-coarse", type=int, default=paper.coarse.n)
+    parser.add_argument("--n-fine", type=int, default=paper.fine.n)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    coarse, fine = load_bundle(args.coarse), load_bundle(args.fine)
-    engines = {mode: CoarseToFine(coarse, fine, EngineConfig(mode=mode, device="cpu")) for mode in ("coarse", "fine", "c2f")}
-    scores: dict[str, list[float]] = {mode: [] for mode in engines}
-    seconds: dict[str, list[float]] = {mode: [] for mode in engines}
+
+    def build(mode: str, **settings: str) -> CoarseToFine:
+        # Bundles loaded per engine: an engine sets its models' memory layout in place.
+        config = EngineConfig(coarse=WindowConfig(n=args.n_coarse), fine=WindowConfig(n=args.n_fine), mode=mode,
+                              device="cpu", **settings)
+        return CoarseToFine(load_bundle(args.coarse), load_bundle(args.fine), config)
+
+    fast = {"precision": args.precision, "channels_last": args.channels_last}
+    engines = {mode: build(mode, **fast) for mode in ("c2f", "coarse", "fine")}
+    engines[REFERENCE] = build("c2f", precision="fp32", channels_last="off")
+    c2f = engines["c2f"]
+    print(f"windows n = {args.n_coarse} / {args.n_fine}; engine settings {fast} -> {c2f.precision}, "
+          f"{'channels-last' if c2f.channels_last else 'contiguous'}")
+    scores: dict[str, list[float]] = {name: [] for name in engines}
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+    parity: list[float] = []
     for index in range(args.cases):
         image, label, affine = make_case(case_seed(args.seed, index))
         volume = Volume(array=image.astype(np.float32), affine=affine, source=f"synthetic:{args.seed}/{index}")
-        for mode, engine in engines.items():
+        masks = {}
+        for name, engine in engines.items():
             start = time.perf_counter()
-            result = engine.segment(volume)
-            seconds[mode].append(time.perf_counter() - start)
-            scores[mode].append(case_metrics(result.mask > 0, label > 0, volume.spacing)["dsc"])
-        print(f"case {index}: " + "  ".join(f"{mode} {scores[mode][-1]:.4f}" for mode in engines), flush=True)
-    print(f"{'mode':>7} {'mean DSC':>17} {'min':>7} {'max':>7} {'s/case':>7}")
-    for mode in ("c2f", "coarse", "fine"):
-        dsc = np.array(scores[mode])
-        print(f"{mode:>7} {dsc.mean():.4f} +- {dsc.std():.4f} {dsc.min():7.4f} {dsc.max():7.4f} {np.mean(seconds[mode]):7.2f}")
+            masks[name] = engine.segment(volume).mask > 0
+            seconds[name].append(time.perf_counter() - start)
+            scores[name].append(case_metrics(masks[name], label > 0, volume.spacing)["dsc"])
+        parity.append(case_metrics(masks["c2f"], masks[REFERENCE], volume.spacing)["dsc"])
+        print(f"case {index}: " + "  ".join(f"{name} {scores[name][-1]:.4f}" for name in engines)
+              + f"  | c2f vs fp32 mask DSC {parity[-1]:.5f}", flush=True)
+    print(f"{'mode':>9} {'mean DSC':>17} {'min':>7} {'max':>7} {'s/case':>7}")
+    for name in ("c2f", REFERENCE, "coarse", "fine"):
+        dsc = np.array(scores[name])
+        print(f"{name:>9} {dsc.mean():.4f} +- {dsc.std():.4f} {dsc.min():7.4f} {dsc.max():7.4f} {np.mean(seconds[name]):7.2f}")
+    drop = np.mean(scores[REFERENCE]) - np.mean(scores["c2f"])
+    print(f"parity of the defaults with fp32 (C2F): mask DSC min {min(parity):.5f}, mean {np.mean(parity):.5f} "
+          f"(goal >= 0.99 per case); mean DSC against the ground truth lower by {drop:+.5f} (goal <= 0.002); "
+          f"time per case {np.mean(seconds[REFERENCE]) / np.mean(seconds['c2f']):.2f}x faster")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ T = TypeVar("T")
 Fusion = Literal["average", "vote", "gaussian"]
 Mode = Literal["c2f", "coarse", "fine"]
 MODES: tuple[Mode, ...] = typing.get_args(Mode)  # the paper's order: C2F, coarse-only, fine-only
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # auto: bf16 where the device has bf16 units (devices)
 AccumulateOn = Literal["device", "cpu"]
 Stage = Literal["coarse", "fine"]
 STAGES: tuple[Stage, ...] = typing.get_args(Stage)
@@ -126,9 +126,9 @@ class EngineConfig(Settings):
     post_ratio: float = 0.2
     mode: Mode = "c2f"
     device: str = "auto"
-    precision: Precision = "fp32"
+    precision: Precision = "auto"
     accumulate_on: AccumulateOn = "device"
-    channels_last: bool = False
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto: NDHWC where faster (devices)
 
     def check(self) -> None:
         self.require("margin", self.margin >= 0, "0 or more")

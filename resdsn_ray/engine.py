@@ -13,18 +13,27 @@ inside the ground-truth box (Sec. 4.1), so that is the input distribution it kno
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from resdsn_ray.bundle import Bundle
 from resdsn_ray.config import STATUS_NO_ORGAN, STATUS_OK, EngineConfig, PreprocessConfig, WindowConfig
+from resdsn_ray.devices import resolve_channels_last, resolve_device, resolve_precision
 from resdsn_ray.postprocess import remove_small_components
 from resdsn_ray.preprocess import preprocess
-from resdsn_ray.volumes import Volume
 from resdsn_ray.windows import Box, bounding_box, decrop, plan_windows, sliding_window_inference
+
+if TYPE_CHECKING:  # the engine runs without the readers (nibabel, pydicom): a bare GPU box needs torch only
+    from resdsn_ray.volumes import Volume
+
+# Host-to-device copies go in slabs of about this size, so the first windows compute while the
+# rest of the volume is still on its way.
+SLAB_BYTES = 16 << 20
 
 
 @dataclass
@@ -37,12 +46,6 @@ class Segmentation:
     coarse_windows: int = 0
     fine_windows: int = 0
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def prepare_inputs(
@@ -73,13 +76,15 @@ class CoarseToFine:
             raise ValueError(f"mode {config.mode!r} needs the {' and '.join(missing)} bundle")
         self.config = config
         self.device = resolve_device(config.device)
+        # "auto" resolved once, here; rows record these, not the setting.
+        self.precision = resolve_precision(config.precision, self.device)
+        self.channels_last = resolve_channels_last(config.channels_last, self.device, self.precision)
+        self.memory_format = torch.channels_last_3d if self.channels_last else torch.contiguous_format
         self.coarse = coarse
         self.fine = fine
         for bundle in (coarse, fine):
-            if bundle is not None:
-                bundle.model.to(self.device).eval()
-                if config.channels_last:
-                    bundle.model.to(memory_format=torch.channels_last_3d)
+            if bundle is not None:  # in place: engines sharing a bundle share its layout (the last one's)
+                bundle.model.to(self.device, memory_format=self.memory_format).eval()
 
     def segment(self, volume: Volume) -> Segmentation:
         start = time.perf_counter()
@@ -130,8 +135,12 @@ class CoarseToFine:
         if bundle is None:
             raise ValueError(f"this engine has no {stage} bundle")
         start = time.perf_counter()
-        tensor = torch.as_tensor(image).to(self.device)
-        mask, windows = self._run(bundle, tensor, self.config.coarse if stage == "coarse" else self.config.fine)
+        window = self.config.coarse if stage == "coarse" else self.config.fine
+        if self.device.type == "cuda" and isinstance(image, np.ndarray):
+            upload = SlabUpload(image, self.device)
+            mask, windows = self._run(bundle, upload.tensor, window, upload.ensure)
+        else:
+            mask, windows = self._run(bundle, torch.as_tensor(image).to(self.device), window)
         return mask, windows, self._elapsed(start)
 
     def locate(self, coarse_mask: np.ndarray) -> Box | None:
@@ -145,17 +154,17 @@ class CoarseToFine:
         result.timings = timings
         return result
 
-    def _run(self, bundle: Bundle, image: torch.Tensor, window: WindowConfig) -> tuple[np.ndarray, int]:
+    def _run(self, bundle: Bundle, image: torch.Tensor, window: WindowConfig,
+             ready: Callable[[int], None] | None = None) -> tuple[np.ndarray, int]:
         """Sliding-window scores of one stage, thresholded to a boolean mask, and the window count."""
         patch = bundle.model_config.patch
         model = bundle.model
         accumulate = torch.device("cpu") if self.config.accumulate_on == "cpu" else self.device
         autocast = self.precision_context()
-        memory_format = torch.channels_last_3d if self.config.channels_last else torch.contiguous_format
 
         def predictor(batch: torch.Tensor) -> torch.Tensor:
             with autocast:
-                logits = model(batch.contiguous(memory_format=memory_format))
+                logits = model(batch.contiguous(memory_format=self.memory_format))
             return torch.softmax(logits.float(), dim=1)[:, 1]
 
         with torch.inference_mode():
@@ -167,18 +176,59 @@ class CoarseToFine:
                 fusion=window.fusion,
                 batch_size=window.batch_size,
                 accumulate_device=accumulate,
+                ready=ready,
+                # One batch shape on CUDA (cuDNN autotuning, torch.compile); on a CPU the spare
+                # windows would cost more than oneDNN's few ms for a new shape.
+                fixed_batch=self.device.type == "cuda",
             )
             mask = (scores > 0.5).cpu().numpy()
         return mask, len(plan_windows(tuple(image.shape), patch, window.n))
 
     def precision_context(self):
-        """Autocast to the configured reduced precision (a no-op for fp32)."""
+        """Autocast to the engine's reduced precision (a no-op for fp32)."""
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-        if self.config.precision not in dtypes:
+        if self.precision not in dtypes:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=dtypes[self.config.precision])
+        return torch.autocast(self.device.type, dtype=dtypes[self.precision])
 
     def _elapsed(self, start: float) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
+
+
+class SlabUpload:
+    """A host volume copied to a CUDA device in slabs along its first axis, on a side stream
+    through pinned staging buffers, so each voxel crosses once and the windows of the first
+    slabs compute while later slabs are in flight. `ensure(rows)` makes the device's current
+    stream wait (on the GPU, not the host) until rows [0, rows) have arrived.
+    """
+
+    def __init__(self, image: np.ndarray, device: torch.device) -> None:
+        self.host = image if image.dtype == np.float32 else image.astype(np.float32)
+        self.tensor = torch.empty(self.host.shape, dtype=torch.float32, device=device)
+        self.stream = torch.cuda.Stream(device)
+        self.tensor.record_stream(self.stream)  # its memory is not reused before the copies end
+        row_bytes = max(1, self.host[:1].nbytes)
+        self.rows = max(1, SLAB_BYTES // row_bytes)
+        # Two staging buffers: the host fills one while the other is being copied.
+        self.staging = [torch.empty((self.rows, *self.host.shape[1:]), dtype=torch.float32, pin_memory=True)
+                        for _ in range(2)]
+        self.copied: list[torch.cuda.Event | None] = [None, None]
+        self.done = 0
+
+    def ensure(self, rows: int) -> None:
+        while self.done < min(rows, self.host.shape[0]):
+            slot = (self.done // self.rows) % 2
+            if self.copied[slot] is not None:
+                self.copied[slot].synchronize()  # this buffer's previous slab has left it
+            stop = min(self.done + self.rows, self.host.shape[0])
+            buffer = self.staging[slot][: stop - self.done]
+            np.copyto(buffer.numpy(), self.host[self.done : stop])
+            with torch.cuda.stream(self.stream):
+                self.tensor[self.done : stop].copy_(buffer, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            self.copied[slot] = event
+            torch.cuda.current_stream(self.tensor.device).wait_event(event)
+            self.done = stop

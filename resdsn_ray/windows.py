@@ -71,6 +71,8 @@ def sliding_window_inference(
     fusion: str = "average",
     batch_size: int = 4,
     accumulate_device: torch.device | str | None = None,
+    ready: Callable[[int], None] | None = None,
+    fixed_batch: bool = False,
 ) -> torch.Tensor:
     """Score map of `volume` [X, Y, Z] from `predictor` run on overlapping P^3 windows.
 
@@ -87,6 +89,13 @@ def sliding_window_inference(
     The accumulator lives on `accumulate_device` (default: the volume's device), so a large
     volume can be stitched in host memory while the model runs on a small GPU. Returns
     float32 on that device; the number of windows is `len(plan_windows(shape, patch, n))`.
+
+    Windows go in order of their first-axis start, and `ready(rows)` (when given) is called
+    before a batch is cut with the leading rows along axis 0 that it reads, so that a caller can
+    stream the volume to the device while earlier batches compute. `fixed_batch` fills the last
+    batch up to `batch_size` with copies of its last window (their scores are dropped): every
+    forward then has one shape, which compiled models and CUDA graphs need and which spares
+    cuDNN's autotuner a new shape per remainder.
     """
     if volume.dim() != 3:
         raise ValueError(f"sliding_window_inference needs a 3-D volume, got shape {tuple(volume.shape)}")
@@ -97,6 +106,8 @@ def sliding_window_inference(
     shape = tuple(int(s) for s in volume.shape)
     padded_shape = tuple(max(s, patch) for s in shape)
     if padded_shape != shape:
+        if ready is not None:
+            ready(shape[0])  # the pad value is the whole volume's minimum
         pad: list[int] = []
         for s, p in zip(reversed(shape), reversed(padded_shape)):
             pad += [0, p - s]
@@ -115,11 +126,15 @@ def sliding_window_inference(
     with torch.no_grad():
         for first in range(0, len(corners), batch_size):
             chunk = corners[first : first + batch_size]
-            batch = torch.stack([volume[x : x + patch, y : y + patch, z : z + patch] for x, y, z in chunk])
-            scores = predictor(batch.unsqueeze(1))
-            if tuple(scores.shape) != (len(chunk), patch, patch, patch):
+            if ready is not None:
+                ready(chunk[-1][0] + patch)
+            windows = [volume[x : x + patch, y : y + patch, z : z + patch] for x, y, z in chunk]
+            if fixed_batch:
+                windows += windows[-1:] * (batch_size - len(chunk))
+            scores = predictor(torch.stack(windows).unsqueeze(1))
+            if tuple(scores.shape) != (len(windows), patch, patch, patch):
                 raise ValueError(
-                    f"predictor returned shape {tuple(scores.shape)}, expected {(len(chunk), patch, patch, patch)}"
+                    f"predictor returned shape {tuple(scores.shape)}, expected {(len(windows), patch, patch, patch)}"
                 )
             if fusion == "vote":
                 scores = scores > 0.5

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +12,8 @@ import torch
 from resdsn_ray.bundle import Bundle
 from resdsn_ray.config import EngineConfig, ModelConfig, PreprocessConfig, WindowConfig
 from resdsn_ray.engine import STATUS_NO_ORGAN, STATUS_OK, CoarseToFine
-from resdsn_ray.volumes import Volume
 from resdsn_ray.model import build_model
+from resdsn_ray.volumes import Volume
 
 
 class Bright(torch.nn.Module):
@@ -96,3 +99,10 @@ def test_random_resdsn_runs_on_an_anisotropic_volume_smaller_than_a_patch():
 def test_mode_without_its_bundle_is_refused():
     with pytest.raises(ValueError, match="fine"):
         CoarseToFine(bundle(Bright(0.0), "coarse"), None, config("c2f"))
+
+
+def test_engine_imports_without_ray_or_the_readers():
+    # A bare GPU box (bench/gpu_engine.py) has torch but not Ray, nibabel, pydicom or s3fs.
+    blocked = ("ray", "nibabel", "pydicom", "s3fs")
+    code = f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); import resdsn_ray.engine"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

@@ -143,6 +143,44 @@ def test_accumulator_can_be_forced_to_cpu_and_batches_do_not_matter() -> None:
     torch.testing.assert_close(a, (2.0 * image).float())
 
 
+@pytest.mark.parametrize("shape", [(70, 33, 130), (10, 40, 20)])
+def test_ready_hears_the_rows_a_batch_reads_before_it_is_cut(shape: tuple[int, int, int]) -> None:
+    # A volume streamed in along axis 0: rows not yet announced hold NaN.
+    image = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    streamed = torch.full(shape, float("nan"))
+    asked: list[int] = []
+
+    def ready(rows: int) -> None:
+        asked.append(rows)
+        streamed[:rows] = image[:rows]
+
+    def checked(batch: torch.Tensor) -> torch.Tensor:
+        assert not batch.isnan().any(), "a window was cut from rows not yet announced"
+        return double(batch)
+
+    out = sliding_window_inference(streamed, checked, patch=16, n=1, batch_size=4, ready=ready)
+    torch.testing.assert_close(out, 2.0 * image)
+    assert asked == sorted(asked)
+    if shape[0] > 16:  # the first batch needs only its windows' rows, the last one all rows
+        assert asked[0] == 16 and asked[-1] == shape[0]
+    else:  # padding needs the whole volume (its minimum) first
+        assert asked[0] == shape[0]
+
+
+def test_fixed_batch_gives_every_forward_one_shape_and_the_same_scores() -> None:
+    image = torch.randn(40, 36, 20, generator=torch.Generator().manual_seed(4))
+    sizes: list[int] = []
+
+    def sized(batch: torch.Tensor) -> torch.Tensor:
+        sizes.append(batch.shape[0])
+        return double(batch)
+
+    windows = len(plan_windows(image.shape, 16, 1))
+    fixed = sliding_window_inference(image, sized, patch=16, n=1, batch_size=7, fixed_batch=True)
+    assert windows % 7 and sizes == [7] * -(-windows // 7)
+    torch.testing.assert_close(fixed, sliding_window_inference(image, double, patch=16, n=1, batch_size=7))
+
+
 def test_bad_predictor_output_and_fusion_are_refused() -> None:
     image = torch.zeros(8, 8, 8)
     with pytest.raises(ValueError, match="predictor returned"):
