@@ -95,7 +95,8 @@ def join(uri: str, *parts: str) -> str:
 
 def exists(uri: str) -> bool:
     """Whether `uri` names a file or folder. Only a real "not found" is False: a 5xx, a denied
-    or unreachable store raises (fsspec's own `exists`/`isfile` answer False to any error)."""
+    or unreachable store raises (fsspec's `isfile` and s3fs's bucket probe answer False to any
+    error)."""
     fs, path = filesystem(uri)
     try:
         fs.info(path)
