@@ -315,6 +315,8 @@ def add_archive_flags(parser: argparse.ArgumentParser) -> None:
     option(parser, "--flush-rows", ArchiveJob, "flush_rows", help="write a Parquet part every N rows ...")
     option(parser, "--flush-seconds", ArchiveJob, "flush_s", help="... or every S seconds, whichever first")
     option(parser, "--progress-seconds", ArchiveJob, "progress_s", help="progress line interval")
+    option(parser, "--lease-heartbeat-seconds", ArchiveJob, "lease_heartbeat_s",
+           help="the run renews its hold on --output this often; a crashed run's hold lapses after 4 of them")
     parser.add_argument("--demo-dir", default=DEMO_DIR, help="folder of the demo archive and outputs (no --input)")
     parser.add_argument("--demo-cases", type=int, default=DEMO_CASES, help="cases in the demo archive")
 

@@ -243,10 +243,11 @@ class ArchiveJob(Settings):
     flush_rows: int = 32
     flush_s: float = 15.0
     progress_s: float = 10.0
+    lease_heartbeat_s: float = 30.0  # one writer per output: the run renews its lease this often (stale after 4)
 
     def check(self) -> None:
         self.require("flush_rows", self.flush_rows >= 1, "at least 1")
-        for name in ("flush_s", "progress_s"):
+        for name in ("flush_s", "progress_s", "lease_heartbeat_s"):
             self.require(name, getattr(self, name) > 0, "positive")
 
 

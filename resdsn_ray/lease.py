@@ -44,11 +44,12 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from resdsn_ray import storage
+from resdsn_ray.config import ArchiveJob
 from resdsn_ray.errors import InputError
 from resdsn_ray.provenance import utc_iso
 
 LEASE_FILE = ".lease.json"
-HEARTBEAT_S = 30.0
+HEARTBEAT_S = ArchiveJob.lease_heartbeat_s  # the archive job's setting (its default)
 STALE_HEARTBEATS = 4
 ACQUIRE_ROUNDS = 4
 """Attempts to create or take over the lease while it changes hands under us; then a clear error."""

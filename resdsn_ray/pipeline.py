@@ -49,7 +49,7 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 from ray.exceptions import GetTimeoutError
 
-from resdsn_ray import runs, storage
+from resdsn_ray import lease, runs, storage
 from resdsn_ray.archive import Case, is_manifest, scan
 from resdsn_ray.bundle import load_bundle
 from resdsn_ray.cluster import connect, fit_cpus, node_cpus, node_memory, runtime_env
@@ -157,9 +157,35 @@ def auto_actors(resources: Resources, n_pools: int, cluster: dict[str, float]) -
 
 
 def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResult:
-    """Segment every case of `job.input` not already done under `job.output`."""
+    """Segment every case of `job.input` not already done under `job.output`, as its only writer."""
     started = time.time()
     _check_output(job)
+    run_id = job.run_id or runs.new_run_id()
+    if job.run_id and storage.exists(runs.run_record_uri(job.output, run_id)):
+        raise InputError("--run-id", f"{run_id!r} is a run of {job.output} already; a rerun takes a new id")
+    with _take_lease(job, run_id, say) as held:
+        return _run(job, run_id, held, started, say)
+
+
+def _take_lease(job: ArchiveJob, run_id: str, say: Callable[[str], None]) -> lease.Lease:
+    """The output's lease. A lease a crashed driver left goes stale within its heartbeats: wait
+    for that (bounded); a live run keeps renewing its lease, and this one is refused."""
+    heartbeat = job.lease_heartbeat_s
+    deadline = time.monotonic() + heartbeat * (lease.STALE_HEARTBEATS + 1)
+    while True:
+        try:
+            return lease.acquire(job.output, run_id, heartbeat_s=heartbeat)
+        except InputError:
+            current = lease.holder(job.output)
+            if current is not None and time.monotonic() > deadline:
+                raise
+            if current is not None:
+                say(f"waiting for the lease of {current.who} on {job.output} (renewed {current.age_s:.0f} s ago): "
+                    "it is released when that run ends, taken over once it is stale")
+                time.sleep(min(heartbeat, 10.0))
+
+
+def _run(job: ArchiveJob, run_id: str, held: lease.Lease, started: float, say: Callable[[str], None]) -> RunResult:
     listing = scan(job.input, allow_prefixes=job.allow_prefixes)
     cases = listing.cases
     mode = job.engine.mode
@@ -168,9 +194,6 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
     ids = {"coarse": coarse.id if coarse else None, "fine": fine.id if fine else None}
     settings = {"coarse_model": ids["coarse"], "fine_model": ids["fine"], **mask_settings(job.engine)}
     cfg = runs.config_id(settings)
-    run_id = job.run_id or runs.new_run_id()
-    if job.run_id and storage.exists(runs.run_record_uri(job.output, run_id)):
-        raise InputError("--run-id", f"{run_id!r} is a run of {job.output} already; a rerun takes a new id")
     history = runs.History.load(job.output, mode)
 
     base = {"run_id": run_id, "coarse_model": ids["coarse"], "fine_model": ids["fine"], "config_id": cfg, "mode": mode,
@@ -214,7 +237,7 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
         say(f"{len(listing.skipped)} file(s) not a case (localizers, reports, non-images), e.g. "
             + "; ".join(f"{s.uri}: {s.reason}" for s in listing.skipped[:3]) + f" (run record: up to {SKIPPED_SHOWN})")
 
-    writer = _RowWriter(job, run_id)
+    writer = _RowWriter(job, run_id, held)
     for row in immediate:
         writer.add(row)
     progress = _Progress(len(todo), job.progress_s, say)
@@ -236,9 +259,11 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
                     progress.update(lost)
     except BaseException as err:  # any failure, Ctrl-C or SIGTERM: keep what is done, say why the run ended
         failure = _start_failure(job) if isinstance(err, GetTimeoutError) else err
-        writer.flush()
-        record.update(status="failed", error=_reason(failure), ended_at=utc_iso(), counts=dict(Counter(r["status"] for r in writer.rows)))
-        runs.write_run_record(job.output, run_id, record)
+        if not held.lost:  # a run that lost its lease to another writes nothing more
+            writer.flush()
+            record.update(status="failed", error=_reason(failure), ended_at=utc_iso(),
+                          counts=dict(Counter(r["status"] for r in writer.rows)))
+            runs.write_run_record(job.output, run_id, record)
         if failure is err:
             raise
         raise failure from err
@@ -334,8 +359,8 @@ def _from_stream(row: dict[str, Any]) -> dict[str, Any]:
 class _RowWriter:
     """Buffers rows and appends them as part files of this run, whole file at a time."""
 
-    def __init__(self, job: ArchiveJob, run_id: str) -> None:
-        self.job, self.run_id = job, run_id
+    def __init__(self, job: ArchiveJob, run_id: str, held: lease.Lease) -> None:
+        self.job, self.run_id, self.held = job, run_id, held
         self.rows: list[dict[str, Any]] = []
         self.pending: list[dict[str, Any]] = []
         self.parts: list[str] = []
@@ -350,6 +375,7 @@ class _RowWriter:
 
     def flush(self) -> None:
         if self.pending:
+            self.held.check()  # still this output's writer (InputError once another run took over)
             self.parts.append(runs.write_rows(self.job.output, self.run_id, len(self.parts), self.pending))
             self.pending = []
         self.last = time.monotonic()

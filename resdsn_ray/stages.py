@@ -237,7 +237,8 @@ def _finish(row: dict[str, Any], post_ratio: float) -> dict[str, Any]:
     t_label = time.perf_counter() - start
 
     start = time.perf_counter()
-    write_mask(row["mask_uri"], final, like=like, description=runs.mask_stamp(row.get("config_id"), row.get("run_id"), row.get("attempt")))
+    stamp = runs.mask_stamp(row.get("config_id"), row.get("run_id"), row.get("attempt"))
+    write_mask(row["mask_uri"], final, like=like, description=stamp)
     row["t_write_s"] = time.perf_counter() - start
     if reference is not None:
         start = time.perf_counter()

@@ -84,7 +84,9 @@ def test_killed_job_resubmitted_finishes_without_recomputing_done_cases(ray_clus
     for stage in ("coarse", "fine"):
         save_bundle(f"s3://{bucket}/{stage}", build_model("resdsn", width=4), ModelConfig(width=4, patch=16), stage)
     tag = uuid.uuid4().hex[:8]
+    # A short lease heartbeat: the killed driver's hold on the output lapses in 8 s, not 2 minutes.
     args = ["--input", archive, "--output", output, "--coarse", f"s3://{bucket}/coarse", "--fine", f"s3://{bucket}/fine",
+            "--lease-heartbeat-seconds", "2",
             "--n-coarse", "1", "--n-fine", "3", "--flush-rows", "1", "--progress-seconds", "1"]
 
     # 1. Submit, and kill the driver (SIGKILL: a crash, no clean-up) once some rows are written.
