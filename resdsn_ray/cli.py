@@ -57,7 +57,11 @@ def add_engine_flags(parser: argparse.ArgumentParser, windows_default: str | Non
     option(parser, "--fusion", EngineConfig, "coarse.fusion", "fine.fusion", help="how overlapping windows are fused")
     option(parser, "--post-ratio", EngineConfig, "post_ratio", help="drop components below this share of the foreground")
     option(parser, "--batch-size", EngineConfig, "coarse.batch_size", "fine.batch_size", help="windows per forward pass")
-    option(parser, "--precision", EngineConfig, "precision", help="arithmetic of the forward passes")
+    option(parser, "--precision", EngineConfig, "precision",
+           help="arithmetic of the forward passes; auto: bf16 where the device has bf16 units (CUDA >= 8.0, "
+                "CPUs with AVX-512 BF16 / AMX), else fp32")
+    option(parser, "--channels-last", EngineConfig, "channels_last",
+           help="NDHWC memory layout for the convolutions; auto: where it is faster")
     option(parser, "--device", EngineConfig, "device", help="auto, cpu, cuda, cuda:1, ...")
     option(parser, "--accumulate-on", EngineConfig, "accumulate_on", help="where stitched scores live")
 

@@ -113,7 +113,7 @@ class _Stage:
         self.engine = CoarseToFine(
             load_bundle(coarse) if coarse else None, load_bundle(fine) if fine else None, engine
         )
-        self.node = _node() | {"device": device_name(self.engine.device), "compute_dtype": engine.precision}
+        self.node = _node() | {"device": device_name(self.engine.device), "compute_dtype": self.engine.precision}
 
 
 class CoarseStage(_Stage):
