@@ -309,7 +309,7 @@ def add_archive_flags(parser: argparse.ArgumentParser) -> None:
            help="seconds to wait for the first model actor before failing (e.g. no GPU node)")
     option(parser, "--max-case-gb", Resources, "max_case_gb", type=float,
            help="memory one case may need to segment, estimated from its header (larger cases become error rows); "
-                "reserved per task and actor (default: a quarter of the smallest node's memory)")
+                "reserved per task and actor (default: an eighth of the smallest node's memory)")
     option(parser, "--address", ArchiveJob, "address", type=str,
            help="Ray cluster address (default: RAY_ADDRESS / the submitting job, else a local Ray)")
     parser.add_argument("--allow-uri-prefix", action="append", metavar="PREFIX",

@@ -211,7 +211,7 @@ class Resources(Settings):
     threads_per_actor: int | None = None  # torch CPU threads per actor; None: round(cpus_per_actor), at least 1
     read_tasks: int = 2
     actor_start_timeout_s: float = 600.0  # fail instead of hanging when no node can host an actor
-    max_case_gb: float | None = None  # memory one case may need (reserved per task and actor); None: 1/4 of the smallest node's
+    max_case_gb: float | None = None  # memory one case may need (reserved per task and actor); None: 1/8 of the smallest node's
 
     def check(self) -> None:
         for name in ("coarse_actors", "fine_actors", "threads_per_actor"):

@@ -69,6 +69,8 @@ from resdsn_ray.stages import CoarseStage, FineStage, WholeCase, finish_case, re
 # One case in flight per actor: a case that kills its actor (out of memory) must not take a
 # neighbour's retries with it (measured with two in flight: 4 good cases lost to 8 kills).
 MAX_IN_FLIGHT_PER_ACTOR = 1
+UPSCALE_WHEN_BUSY = 0.99  # pool utilisation (busy actors / actors) past which a pool adds actors
+CASES_PER_NODE = 8  # the default case budget is this share of the smallest node's memory
 SKIPPED_SHOWN = 100  # files the listing set aside that the run record names
 MAX_AUTO_CPU_ACTORS = 8  # without GPUs, default pools get one single-threaded actor per CPU, up to this
 # A case whose task or actor process dies (killed for memory, a crash in native code) is retried
@@ -100,6 +102,9 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
     context.wait_for_min_actors_s = res.actor_start_timeout_s
     context.enable_progress_bars = False
     context.max_errored_blocks = -1  # a case lost with its worker must not end the run
+    # With one case in flight per actor a pool is at most 100 % busy, under Ray Data's default
+    # threshold to grow (175 %): grow as soon as every actor is busy.
+    context.autoscaling_config = replace(context.autoscaling_config, actor_pool_util_upscaling_threshold=UPSCALE_WHEN_BUSY)
     env = runtime_env()
     case_bytes = int(res.max_case_gb * 1e9) if res.max_case_gb else None
     # Every task and actor reserves one case's memory: a node never runs more big cases than fit.
@@ -310,15 +315,16 @@ def _connect_and_resolve(job: ArchiveJob) -> Resources:
 
 
 def fit_case_memory(asked_gb: float | None, node_memory: list[float]) -> float | None:
-    """The case budget in GB: as asked, else a quarter of the smallest node's memory (None: nodes
-    not known yet). A budget over half a node's memory could leave no room for a task beside an actor."""
+    """The case budget in GB: as asked, else an eighth of the smallest node's memory, room for an
+    actor and a few read and write tasks on each node (None: nodes not known yet). A budget over
+    half a node's memory could leave no room for a task beside an actor."""
     if not node_memory:
         return asked_gb
     smallest = min(node_memory) / 1e9
     if asked_gb is not None and asked_gb > smallest / 2:
         raise InputError("--max-case-gb", f"{asked_gb:g} GB per case does not fit twice on the smallest node "
                                           f"({smallest:.1f} GB for Ray); lower it or use larger nodes")
-    return asked_gb if asked_gb is not None else round(smallest / 4, 3)
+    return asked_gb if asked_gb is not None else round(smallest / CASES_PER_NODE, 3)
 
 
 def _listing_error(row: dict[str, Any], case: Case, history: runs.History) -> dict[str, Any]:
