@@ -385,6 +385,8 @@ def add_cv_flags(parser: argparse.ArgumentParser) -> None:
     option(parser, "--max-concurrent-folds", CVJob, "max_concurrent_folds", type=int,
            help="default: as many as the cluster has room for")
     option(parser, "--max-failures", CVJob, "max_failures", help="worker failures each training survives")
+    option(parser, "--lease-heartbeat-seconds", CVJob, "lease_heartbeat_s",
+           help="the CV renews its hold on --output this often; a crashed CV's hold lapses after 4 of them")
     option(parser, "--address", CVJob, "address", type=str,
            help="Ray cluster address (default: RAY_ADDRESS / the submitting job, else a local Ray)")
     add_engine_flags(parser, windows_default="; --preset demo: the demo's")

@@ -244,6 +244,7 @@ class ArchiveJob(Settings):
     flush_s: float = 15.0
     progress_s: float = 10.0
     lease_heartbeat_s: float = 30.0  # one writer per output: the run renews its lease this often (stale after 4)
+    hold_output: bool = True  # False: the caller holds the output's lease (a cross-validation, for its folds)
 
     def check(self) -> None:
         self.require("flush_rows", self.flush_rows >= 1, "at least 1")
@@ -268,9 +269,11 @@ class CVJob(Settings):
     val_cases: int = 0
     max_failures: int = 2
     address: str | None = None
+    lease_heartbeat_s: float = ArchiveJob.lease_heartbeat_s  # the CV holds its output for all its folds' runs
 
     def check(self) -> None:
         self.require("folds", self.folds >= 2, "at least 2")
+        self.require("lease_heartbeat_s", self.lease_heartbeat_s > 0, "positive")
         self.require("workers_per_trial", self.workers_per_trial >= 1, "at least 1")
         self.require("cpus_per_worker", self.cpus_per_worker > 0, "positive")
         self.require("max_concurrent_folds", self.max_concurrent_folds is None or self.max_concurrent_folds >= 1, "at least 1")

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from resdsn_ray import runs, storage
+from resdsn_ray import lease, runs, storage
 from resdsn_ray.archive import Case
 from resdsn_ray.bundle import CONFIG_FILE
 from resdsn_ray.config import STAGES, ArchiveJob, CVJob, Resources, mask_settings, recipe, to_dict
@@ -179,7 +179,7 @@ def run_fold(job: CVJob, fold: int, run_prefix: str) -> dict[str, Any]:
             input=storage.join(folder, "test.csv"), output=job.output, coarse=bundles["coarse"], fine=bundles["fine"],
             engine=replace(job.engine, mode=mode), resources=resources,
             run_id=_fresh_run_id(job.output, f"{run_prefix}-fold{fold}-{mode}"), fold=fold, progress_s=60.0,
-            allow_prefixes=(job.data,),
+            allow_prefixes=(job.data,), hold_output=False,
         )
         result = run_archive(archive_job, say=say)
         evaluated[mode] = {"run_id": result.run_id, "counts": result.counts}
@@ -204,12 +204,18 @@ class CVResult:
 
 
 def run_cv(job: CVJob, say: Callable[[str], None] = print) -> CVResult:
-    """Run (or resume) the cross-validation; folds that fail are reported, the others finish."""
+    """Run (or resume) the cross-validation as its output's only writer (its folds' archive runs
+    share the output and its lease); folds that fail are reported, the others finish."""
+    job = replace(job, data=storage.absolute(job.data), output=storage.absolute(job.output))
+    with lease.hold(job.output, "cross-validation", job.lease_heartbeat_s, say):
+        return _run_cv(job, say)
+
+
+def _run_cv(job: CVJob, say: Callable[[str], None]) -> CVResult:
     import ray
 
     from resdsn_ray.cluster import connect, runtime_env
 
-    job = replace(job, data=storage.absolute(job.data), output=storage.absolute(job.output))
     cases, rejected = training_cases(job.data, None)
     for item in rejected:
         say(f"not in the CV: case {item['case_id']}: {item['reason']}")

@@ -39,6 +39,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -465,6 +466,24 @@ def _stale_after(current: Holder, ours: float) -> float:
 def holder(output: str) -> Holder | None:
     """The lease on `output` as it stands now, or None when no run holds one."""
     return _store(lease_uri(output)).read()
+
+
+def hold(output: str, run_id: str, heartbeat_s: float, say: Callable[[str], None]) -> Lease:
+    """The output's lease for a run. A lease a crashed run left goes stale within its heartbeats:
+    wait for that (at most one heartbeat past staleness); a live run keeps renewing, and this run
+    is refused with the holder's name."""
+    deadline = time.monotonic() + heartbeat_s * (STALE_HEARTBEATS + 1)
+    while True:
+        try:
+            return acquire(output, run_id, heartbeat_s=heartbeat_s)
+        except InputError:
+            current = holder(output)
+            if current is not None and time.monotonic() > deadline:
+                raise
+            if current is not None:
+                say(f"waiting for the lease of {current.who} on {output} (renewed {current.age_s:.0f} s ago): "
+                    "it is released when that run ends, taken over once it is stale")
+                time.sleep(min(heartbeat_s, 10.0))
 
 
 def acquire(output: str, run_id: str, heartbeat_s: float = HEARTBEAT_S, stale_heartbeats: int = STALE_HEARTBEATS) -> Lease:

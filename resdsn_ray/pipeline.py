@@ -168,29 +168,13 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
     run_id = job.run_id or runs.new_run_id()
     if job.run_id and storage.exists(runs.run_record_uri(job.output, run_id)):
         raise InputError("--run-id", f"{run_id!r} is a run of {job.output} already; a rerun takes a new id")
-    with _take_lease(job, run_id, say) as held:
+    if not job.hold_output:  # a cross-validation holds its output for all its folds' runs
+        return _run(job, run_id, None, started, say)
+    with lease.hold(job.output, run_id, job.lease_heartbeat_s, say) as held:
         return _run(job, run_id, held, started, say)
 
 
-def _take_lease(job: ArchiveJob, run_id: str, say: Callable[[str], None]) -> lease.Lease:
-    """The output's lease. A lease a crashed driver left goes stale within its heartbeats: wait
-    for that (bounded); a live run keeps renewing its lease, and this one is refused."""
-    heartbeat = job.lease_heartbeat_s
-    deadline = time.monotonic() + heartbeat * (lease.STALE_HEARTBEATS + 1)
-    while True:
-        try:
-            return lease.acquire(job.output, run_id, heartbeat_s=heartbeat)
-        except InputError:
-            current = lease.holder(job.output)
-            if current is not None and time.monotonic() > deadline:
-                raise
-            if current is not None:
-                say(f"waiting for the lease of {current.who} on {job.output} (renewed {current.age_s:.0f} s ago): "
-                    "it is released when that run ends, taken over once it is stale")
-                time.sleep(min(heartbeat, 10.0))
-
-
-def _run(job: ArchiveJob, run_id: str, held: lease.Lease, started: float, say: Callable[[str], None]) -> RunResult:
+def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float, say: Callable[[str], None]) -> RunResult:
     listing = scan(job.input, allow_prefixes=job.allow_prefixes)
     cases = listing.cases
     mode = job.engine.mode
@@ -264,7 +248,7 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease, started: float, say: C
                     progress.update(lost)
     except BaseException as err:  # any failure, Ctrl-C or SIGTERM: keep what is done, say why the run ended
         failure = _start_failure(job) if isinstance(err, GetTimeoutError) else err
-        if not held.lost:  # a run that lost its lease to another writes nothing more
+        if held is None or not held.lost:  # a run that lost its lease to another writes nothing more
             writer.flush()
             record.update(status="failed", error=_reason(failure), ended_at=utc_iso(),
                           counts=dict(Counter(r["status"] for r in writer.rows)))
@@ -365,7 +349,7 @@ def _from_stream(row: dict[str, Any]) -> dict[str, Any]:
 class _RowWriter:
     """Buffers rows and appends them as part files of this run, whole file at a time."""
 
-    def __init__(self, job: ArchiveJob, run_id: str, held: lease.Lease) -> None:
+    def __init__(self, job: ArchiveJob, run_id: str, held: lease.Lease | None) -> None:
         self.job, self.run_id, self.held = job, run_id, held
         self.rows: list[dict[str, Any]] = []
         self.pending: list[dict[str, Any]] = []
@@ -381,7 +365,8 @@ class _RowWriter:
 
     def flush(self) -> None:
         if self.pending:
-            self.held.check()  # still this output's writer (InputError once another run took over)
+            if self.held is not None:
+                self.held.check()  # still this output's writer (InputError once another run took over)
             self.parts.append(runs.write_rows(self.job.output, self.run_id, len(self.parts), self.pending))
             self.pending = []
         self.last = time.monotonic()

@@ -167,7 +167,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
         (["segment", "x.nii.gz", "--out", "m.nii.gz", "--post-ratio", "2"], "--post-ratio"),
         (["train", "--stage", "coarse", "--data", "d", "--output", "o", "--patch", "12"], "--patch"),
         (["cv", "--data", "d", "--output", "o", "--train-batch-size", "0"], "--train-batch-size"),
-        (["archive", "--input", "in", "--output", "out", "--read-tasks", "0"], "--read-tasks"),
+        (["archive", "--input", "in", "--output", "out", "--demo-models", "--read-tasks", "0"], "--read-tasks"),
         (["cv", "--data", "d", "--output", "o", "--folds", "1"], "--folds"),
         (["archive", "--input", "in", "--output", "out"], "--coarse"),  # real CT needs real models
         (["segment", "x.nii.gz", "--out", "m.nii.gz", "--fine", "f"], "--coarse"),

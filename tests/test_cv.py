@@ -114,7 +114,8 @@ def test_folds_side_by_side_fit_the_cluster_and_evaluate_within_their_share(tmp_
 # ------------------------------------------------------------------------------ end to end
 
 TINY = ["--preset", "demo", "--iterations", "4", "--width", "4", "--patch", "16", "--train-batch-size", "2",
-        "--n-coarse", "1", "--n-fine", "1", "--margin", "4", "--cpus-per-worker", "0.5", "--folds", "2", "--seed", "3"]
+        "--n-coarse", "1", "--n-fine", "1", "--margin", "4", "--cpus-per-worker", "0.5", "--folds", "2", "--seed", "3",
+        "--lease-heartbeat-seconds", "2"]  # a killed CV's hold on its output lapses in 8 s
 START_TIMEOUT_S = 900.0
 
 
