@@ -208,7 +208,10 @@ class SlabUpload:
         self.host = image if image.dtype == np.float32 else image.astype(np.float32)
         self.tensor = torch.empty(self.host.shape, dtype=torch.float32, device=device)
         self.stream = torch.cuda.Stream(device)
-        self.tensor.record_stream(self.stream)  # its memory is not reused before the copies end
+        # The block may still be in use by queued work of its earlier owner on the compute stream;
+        # and it must not be handed out again before the copies end.
+        self.stream.wait_stream(torch.cuda.current_stream(device))
+        self.tensor.record_stream(self.stream)
         row_bytes = max(1, self.host[:1].nbytes)
         self.rows = max(1, SLAB_BYTES // row_bytes)
         # Two staging buffers: the host fills one while the other is being copied.

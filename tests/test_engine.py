@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from resdsn_ray import engine as engine_module
 from resdsn_ray.bundle import Bundle
 from resdsn_ray.config import EngineConfig, ModelConfig, PreprocessConfig, WindowConfig
 from resdsn_ray.engine import STATUS_NO_ORGAN, STATUS_OK, CoarseToFine
@@ -106,3 +107,19 @@ def test_engine_imports_without_ray_or_the_readers():
     blocked = ("ray", "nibabel", "pydicom", "s3fs")
     code = f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); import resdsn_ray.engine"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the pinned slab upload runs only there)")
+def test_cuda_stage_streams_the_volume_in_slabs_and_matches_the_cpu(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model("resdsn", width=4)
+    image = np.random.default_rng(1).normal(0, 1, (70, 40, 33)).astype(np.float32)
+    crop = image[5:60, 3:, :]  # a strided view, as the fine stage gets it
+    monkeypatch.setattr(engine_module, "SLAB_BYTES", 3 * crop[:1].nbytes)  # 19 slabs through the 2 buffers
+    masks = {}
+    for device in ("cpu", "cuda"):
+        window = WindowConfig(n=1, batch_size=5)
+        settings = EngineConfig(coarse=window, mode="coarse", device=device, precision="fp32", channels_last="off")
+        masks[device], windows, _ = CoarseToFine(bundle(model, "coarse"), None, settings).run_stage("coarse", crop)
+    assert windows % 5  # the last batch is filled up on CUDA
+    assert (masks["cpu"] != masks["cuda"]).mean() < 1e-3
