@@ -47,6 +47,7 @@ def submit(cluster: Cluster, job_args: list[str], *, wait: bool, submission_id: 
         cluster, "submit", "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
         "--submission-id", submission_id, *([] if wait else ["--no-wait"]),
         "--", "python", "jobs/segment_archive.py", *job_args,
+        timeout=900 if wait else 300,  # a whole run on a loaded 2-core machine (seen: 5 min)
     )
 
 
