@@ -30,8 +30,6 @@ def preprocess(
     When the standard deviation is below `MIN_STD` the result is only centred (all zeros for a
     constant volume). The input is never modified. `source` names the input in errors.
     """
-    if config.hu_min >= config.hu_max:
-        raise ValueError(f"HU window [{config.hu_min}, {config.hu_max}] is empty")
     if array.size == 0:
         raise InputError(source, f"empty image of shape {array.shape}")
     out = np.array(array, dtype=np.float32, copy=True)

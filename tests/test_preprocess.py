@@ -83,8 +83,9 @@ def test_empty_image_is_refused():
 
 
 def test_empty_window_is_a_settings_error():
-    with pytest.raises(ValueError, match="empty"):
-        preprocess(_ct(), PreprocessConfig(hu_min=240.0, hu_max=-100.0))
+    """Refused when the settings are made, by the field's name: no case ever sees it."""
+    with pytest.raises(InputError, match="hu_max: must be above hu_min"):
+        PreprocessConfig(hu_min=240.0, hu_max=-100.0)
 
 
 def test_peak_memory_is_one_float32_copy():
