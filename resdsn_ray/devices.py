@@ -59,10 +59,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def resolve_channels_last(setting: str, device: torch.device, precision: str) -> bool:
     """`auto`: channels-last 3-D (NDHWC) where it is the faster layout; `on` / `off` as given.
 
-    CPU: oneDNN's convolutions are faster on NDHWC (measured on the AVX2 EPYC in fp32, full-width
-    ResDSN, P = 32: see bench/engine.py), and its bf16/AMX kernels are NDHWC-native. CUDA: cuDNN's
-    tensor-core kernels in bf16/fp16 are NDHWC-native (NCDHW costs transposes around each conv);
-    in fp32 we keep NCDHW, the layout cuDNN's classic kernels are tuned for.
+    CPU: oneDNN's convolutions are faster on NDHWC (AVX2 EPYC, fp32, full-width ResDSN, P = 32:
+    1.27-1.41x the engine's windows/s in bench/engine.py), and its bf16/AMX kernels are
+    NDHWC-native. CUDA: cuDNN's tensor-core kernels in bf16/fp16 are NDHWC-native (NCDHW costs
+    transposes around each conv); in fp32 we keep NCDHW, the layout its classic kernels are
+    tuned for.
     """
     if setting != "auto":
         return setting == "on"
