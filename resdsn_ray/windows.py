@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -209,11 +208,6 @@ def bounding_box(mask: np.ndarray, margin: int) -> Box | None:
     return Box(start=tuple(start), stop=tuple(stop))  # type: ignore[arg-type]
 
 
-def crop(array: Any, box: Box) -> Any:
-    """The sub-volume of `array` (numpy or torch) inside `box`; a view, not a copy."""
-    return array[box.slices]
-
-
 def decrop(sub: np.ndarray, box: Box, shape: Sequence[int], fill: float = 0) -> np.ndarray:
     """`sub` put back at `box` in a new array of `shape` filled with `fill` (Eq. 5).
 
@@ -234,7 +228,6 @@ __all__ = [
     "FUSIONS",
     "Box",
     "bounding_box",
-    "crop",
     "decrop",
     "plan_windows",
     "sliding_window_inference",
