@@ -58,6 +58,11 @@ wait_started() {  # `ray start --block` logs this line once its node has joined 
 start() {
   if [[ -f $state/env ]]; then echo "already started (see $state/env); stop it first" >&2; exit 1; fi
   mkdir -p "$state"
+  # Token auth needs a token before the head starts: a fresh machine has none, so make the local
+  # one (~/.ray/auth_token, as Ray's docs say for local development; an existing one is kept).
+  if [[ -z ${RAY_AUTH_TOKEN:-} && -z ${RAY_AUTH_TOKEN_PATH:-} ]]; then
+    "$bin/ray" get-auth-token --generate >/dev/null
+  fi
   local gcs dash client
   read -r gcs dash client <<<"$(free_ports 3)"
   local common=(--num-cpus "$cpus" --object-store-memory "$store" --memory "$memory" --temp-dir "$state/tmp"
