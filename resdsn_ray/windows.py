@@ -10,6 +10,7 @@ tensor slicing on the volume's device; nothing runs per voxel in Python.
 from __future__ import annotations
 
 import itertools
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-FUSIONS = ("average", "vote", "gaussian")
+from resdsn_ray.config import Fusion
+
+FUSIONS: tuple[str, ...] = typing.get_args(Fusion)  # the vocabulary is config's
 
 
 def window_starts(length: int, patch: int, n: int) -> list[int]:
