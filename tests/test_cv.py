@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from ray_cluster import REPO, Cluster, ray_cluster_fixture, ray_driver_fixture  
 
 from resdsn_ray import config, runs
 from resdsn_ray.archive import Case, list_cases
+from resdsn_ray.bundle import demo_bundle_uri
 from resdsn_ray.cli import cv_job
 from resdsn_ray.config import CVJob
 from resdsn_ray.cv import (
@@ -204,6 +206,9 @@ def test_a_fold_that_cannot_train_fails_alone_and_bad_cases_become_error_rows(ra
     folds = make_splits([f"case_{i:04d}" for i in range(4)], 2, seed=3)
     for case in folds[1]:  # fold 0 trains only on these, fold 1 evaluates them
         (data / "imagesTr" / f"{case}.nii.gz").write_bytes(b"not a nifti file")
+    for stage in ("coarse", "fine"):  # fold 1 resumes with its models trained (the killed-CV test trains them)
+        shutil.copytree(demo_bundle_uri(stage), output / "folds" / "fold1" / stage / "bundle")
+        (output / "folds" / "fold1" / stage / "run.json").write_text(json.dumps({"status": "done"}))
     args = build_parser().parse_args(["cv", "--data", str(data), "--output", str(output), *TINY])
     assert isinstance(args, argparse.Namespace)
     result = run_cv(cv_job(args), say=lambda line: None)
@@ -215,6 +220,8 @@ def test_a_fold_that_cannot_train_fails_alone_and_bad_cases_become_error_rows(ra
     assert record["status"] == "failed" and record["fold_state"]["1"] == "done"
     assert record["fold_state"]["0"].startswith("failed:")
     assert not (output / "folds" / "fold0" / "done.json").exists() and (output / "folds" / "fold1" / "done.json").exists()
+    fold1 = json.loads((output / "folds" / "fold1" / "done.json").read_text())
+    assert all(fold1["bundles"][stage].endswith(f"folds/fold1/{stage}/bundle") for stage in ("coarse", "fine"))  # not retrained
     rows = runs.read_rows(str(output)).to_pylist()
     assert {(r["case_id"], r["mode"]) for r in rows} == {(c, m) for c in folds[1] for m in ("coarse", "fine", "c2f")}
     assert all(r["status"] == config.STATUS_ERROR and r["fold"] == 1 for r in rows)
