@@ -33,6 +33,7 @@ from resdsn_ray.cv import (
 from resdsn_ray.errors import InputError
 from resdsn_ray.recipes import preset_config
 from resdsn_ray.synthetic import write_archive
+from resdsn_ray.training import BUNDLE_DIR, RUN_RECORD
 
 RECIPES = {stage: preset_config("demo", stage) for stage in ("coarse", "fine")}
 
@@ -207,8 +208,9 @@ def test_a_fold_that_cannot_train_fails_alone_and_bad_cases_become_error_rows(ra
     for case in folds[1]:  # fold 0 trains only on these, fold 1 evaluates them
         (data / "imagesTr" / f"{case}.nii.gz").write_bytes(b"not a nifti file")
     for stage in ("coarse", "fine"):  # fold 1 resumes with its models trained (the killed-CV test trains them)
-        shutil.copytree(demo_bundle_uri(stage), output / "folds" / "fold1" / stage / "bundle")
-        (output / "folds" / "fold1" / stage / "run.json").write_text(json.dumps({"status": "done"}))
+        trained = output / "folds" / "fold1" / stage
+        shutil.copytree(demo_bundle_uri(stage), trained / BUNDLE_DIR)
+        (trained / RUN_RECORD).write_text(json.dumps({"status": "done"}))
     args = build_parser().parse_args(["cv", "--data", str(data), "--output", str(output), *TINY])
     assert isinstance(args, argparse.Namespace)
     result = run_cv(cv_job(args), say=lambda line: None)
@@ -221,7 +223,7 @@ def test_a_fold_that_cannot_train_fails_alone_and_bad_cases_become_error_rows(ra
     assert record["fold_state"]["0"].startswith("failed:")
     assert not (output / "folds" / "fold0" / "done.json").exists() and (output / "folds" / "fold1" / "done.json").exists()
     fold1 = json.loads((output / "folds" / "fold1" / "done.json").read_text())
-    assert all(fold1["bundles"][stage].endswith(f"folds/fold1/{stage}/bundle") for stage in ("coarse", "fine"))  # not retrained
+    assert all(fold1["bundles"][stage].endswith(f"folds/fold1/{stage}/{BUNDLE_DIR}") for stage in ("coarse", "fine"))  # not retrained
     rows = runs.read_rows(str(output)).to_pylist()
     assert {(r["case_id"], r["mode"]) for r in rows} == {(c, m) for c in folds[1] for m in ("coarse", "fine", "c2f")}
     assert all(r["status"] == config.STATUS_ERROR and r["fold"] == 1 for r in rows)

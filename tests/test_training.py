@@ -132,7 +132,8 @@ def _worker_pids(count: int) -> list[int]:
     import ray
     from ray.util.state import list_actors
 
-    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    alive = list_actors(address=ray.get_runtime_context().gcs_address,  # this module's cluster, not the session's
+                        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     return sorted(int(a.pid) for a in alive) if len(alive) == count else []
 
 
