@@ -310,6 +310,9 @@ def add_archive_flags(parser: argparse.ArgumentParser) -> None:
     option(parser, "--max-case-gb", Resources, "max_case_gb", type=float,
            help="memory one case may need to segment, estimated from its header (larger cases become error rows); "
                 "reserved per task and actor (default: an eighth of the smallest node's memory)")
+    option(parser, "--case-timeout-s", Resources, "case_timeout_s", type=float,
+           help="seconds a case may take from the start of its read to its written mask; a case still running "
+                "(a stalled S3 stream, a decode that never ends) becomes an error row")
     option(parser, "--address", ArchiveJob, "address", type=str,
            help="Ray cluster address (default: RAY_ADDRESS / the submitting job, else a local Ray)")
     parser.add_argument("--allow-uri-prefix", action="append", metavar="PREFIX",

@@ -212,6 +212,7 @@ class Resources(Settings):
     read_tasks: int = 2
     actor_start_timeout_s: float = 600.0  # fail instead of hanging when no node can host an actor
     max_case_gb: float | None = None  # memory one case may need (reserved per task and actor); None: 1/8 of the smallest node's
+    case_timeout_s: float | None = 3600.0  # a case still running this long after its read began becomes an error row
 
     def check(self) -> None:
         for name in ("coarse_actors", "fine_actors", "threads_per_actor"):
@@ -222,6 +223,7 @@ class Resources(Settings):
         self.require("read_tasks", self.read_tasks >= 1, "at least 1")
         self.require("actor_start_timeout_s", self.actor_start_timeout_s > 0, "positive")
         self.require("max_case_gb", self.max_case_gb is None or self.max_case_gb > 0, "positive")
+        self.require("case_timeout_s", self.case_timeout_s is None or self.case_timeout_s > 0, "positive")
 
 
 @dataclass(frozen=True)

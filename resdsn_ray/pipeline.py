@@ -131,7 +131,7 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
     common = {"engine": engine, "threads": threads, "gpu": bool(res.gpus_per_actor)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ds.map(read_case, fn_kwargs=preprocess | {"max_bytes": case_bytes}, **task)
+        ds = ds.map(read_case, fn_kwargs=preprocess | {"max_bytes": case_bytes, "timeout_s": res.case_timeout_s}, **task)
         if pools(job) == 2:
             ds = ds.map(CoarseStage, fn_constructor_kwargs={"coarse": job.coarse, **common}, **pool(res.coarse_actors))
             ds = ds.map(FineStage, fn_constructor_kwargs={"fine": job.fine, **common}, **pool(res.fine_actors))
@@ -313,13 +313,13 @@ def fit_case_memory(asked_gb: float | None, node_memory: list[float]) -> float |
 
 def _listing_error(row: dict[str, Any], case: Case, history: runs.History) -> dict[str, Any]:
     now = utc_now()
-    return dict(row, status=STATUS_ERROR, error=f"listing: {case.error}", label_uri=case.label_uri,
+    return dict(row, status=STATUS_ERROR, error=f"listing: {case.error}", retryable=False, label_uri=case.label_uri,
                 attempt=history.next_attempt(case.case_id), started_at=now, finished_at=now)
 
 
 def _lost(row: dict[str, Any]) -> dict[str, Any]:
     now = utc_now()
-    return dict(row, status=STATUS_ERROR, label_uri=row["label_uri"] or None, mask_uri=None, started_at=now,
+    return dict(row, status=STATUS_ERROR, retryable=True, label_uri=row["label_uri"] or None, mask_uri=None, started_at=now,
                 finished_at=now, error="worker: the process handling this case died on every retry "
                                    "(killed for memory?); see the Ray logs")
 

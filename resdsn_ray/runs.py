@@ -45,6 +45,7 @@ ROW_SCHEMA = pa.schema(
         ("case_id", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("retryable", pa.bool_()),  # error rows: a transient failure (storage 5xx, throttling, a timeout, a lost worker)
         ("attempt", pa.int32()),
         ("done_in_run", pa.string()),  # skipped rows: the run whose row and mask are kept
         ("image_uri", pa.string()),

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from resdsn_ray import runs
+from resdsn_ray import runs, storage
 from resdsn_ray.bundle import load_bundle
 from resdsn_ray.config import STATUS_ERROR, STATUS_NO_ORGAN, STATUS_OK, EngineConfig, PreprocessConfig
+from resdsn_ray.deadline import CaseTimeout, deadline, time_limit
 from resdsn_ray.engine import CoarseToFine, finish_mask, prepare_inputs
 from resdsn_ray.errors import InputError
 from resdsn_ray.metrics import case_metrics
@@ -35,11 +36,21 @@ EMPTY = np.zeros((0, 0, 0), dtype=np.float32)
 ARRAY_COLUMNS = ("coarse_input", "fine_input", "mask_box")
 
 
+# What ends one case as its error row (a timeout is a BaseException, see `deadline`).
+CASE_FAILURES = (Exception, CaseTimeout)
+
+
 def _failed(row: dict[str, Any], stage: str, err: BaseException) -> dict[str, Any]:
-    reason = str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
+    reason = str(err) if isinstance(err, (InputError, CaseTimeout)) else f"{type(err).__name__}: {err}"
     out = {k: v for k, v in row.items() if not isinstance(v, np.ndarray)}
-    out.update(status=STATUS_ERROR, error=f"{stage}: {reason}")
+    out.update(status=STATUS_ERROR, error=f"{stage}: {reason}",
+               retryable=isinstance(err, CaseTimeout) or storage.is_retryable(err))
     return _with_arrays(out)
+
+
+def _limit(row: dict[str, Any]) -> Any:
+    """The rest of the case's time (`read_case` set its deadline) as a limit on one stage."""
+    return time_limit(row.get("deadline"), row.get("timeout_s"))
 
 
 def _with_arrays(row: dict[str, Any], **arrays: np.ndarray) -> dict[str, Any]:
@@ -62,19 +73,27 @@ def _quiet_numpy_views() -> None:
 
 
 def read_case(row: dict[str, Any], coarse: PreprocessConfig | None, fine: PreprocessConfig | None,
-              max_bytes: int | None = None) -> dict[str, Any]:
+              max_bytes: int | None = None, timeout_s: float | None = None) -> dict[str, Any]:
     """CPU task: decode the image and preprocess it for each stage's bundle; a case whose header says
-    it needs more than `max_bytes` to segment is refused before decoding (`volumes.peak_bytes`)."""
-    row = dict(row, started_at=time.time())
+    it needs more than `max_bytes` to segment is refused before decoding (`volumes.peak_bytes`).
+    The case must be finished within `timeout_s` of now, every later stage included."""
+    started = time.time()
+    row = dict(row, started_at=started, deadline=deadline(timeout_s, started), timeout_s=timeout_s)
     try:
-        start = time.perf_counter()
-        volume = read_volume(row["image_uri"], series_uid=row.get("series_uid") or None, max_bytes=max_bytes)
-        row["t_read_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        coarse_input, fine_input = prepare_inputs(volume.array, coarse, fine)
-        row["t_preprocess_s"] = time.perf_counter() - start
-    except Exception as err:  # noqa: BLE001  any failure of one case is that case's error row
+        with _limit(row):
+            return _read(row, coarse, fine, max_bytes)
+    except CASE_FAILURES as err:  # any failure of one case is that case's error row
         return _failed(row, "read", err)
+
+
+def _read(row: dict[str, Any], coarse: PreprocessConfig | None, fine: PreprocessConfig | None,
+          max_bytes: int | None) -> dict[str, Any]:
+    start = time.perf_counter()
+    volume = read_volume(row["image_uri"], series_uid=row.get("series_uid") or None, max_bytes=max_bytes)
+    row["t_read_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    coarse_input, fine_input = prepare_inputs(volume.array, coarse, fine)
+    row["t_preprocess_s"] = time.perf_counter() - start
     shared = coarse_input is fine_input
     row.update(
         shape=list(volume.shape),
@@ -126,12 +145,13 @@ class CoarseStage(_Stage):
         if row.get("status") == STATUS_ERROR:
             return row
         try:
-            image = row["coarse_input"]
-            mask, row["coarse_windows"], row["t_coarse_s"] = self.engine.run_stage("coarse", image)
-            start = time.perf_counter()
-            box = self.engine.locate(mask)
-            row["t_post_s"] = time.perf_counter() - start
-        except Exception as err:  # noqa: BLE001  (one case's failure is its error row)
+            with _limit(row):
+                image = row["coarse_input"]
+                mask, row["coarse_windows"], row["t_coarse_s"] = self.engine.run_stage("coarse", image)
+                start = time.perf_counter()
+                box = self.engine.locate(mask)
+                row["t_post_s"] = time.perf_counter() - start
+        except CASE_FAILURES as err:  # one case's failure is its error row
             return _failed(row, "coarse", err)
         source = image if row["shared_input"] else row["fine_input"]
         row.update(self.node)
@@ -153,8 +173,9 @@ class FineStage(_Stage):
         if row.get("status") in (STATUS_ERROR, STATUS_NO_ORGAN):
             return row
         try:
-            mask, row["fine_windows"], row["t_fine_s"] = self.engine.run_stage("fine", row["fine_input"])
-        except Exception as err:  # noqa: BLE001  (one case's failure is its error row)
+            with _limit(row):
+                mask, row["fine_windows"], row["t_fine_s"] = self.engine.run_stage("fine", row["fine_input"])
+        except CASE_FAILURES as err:  # one case's failure is its error row
             return _failed(row, "fine", err)
         row.update(mask_at=row["coarse_bbox"], post_done=False)
         return _with_arrays(row, mask_box=mask.astype(np.uint8))
@@ -169,8 +190,9 @@ class WholeCase(_Stage):
         try:
             coarse_input = row["coarse_input"] if row["coarse_input"].size else None
             fine_input = coarse_input if row["shared_input"] else row["fine_input"] if row["fine_input"].size else None
-            result = self.engine.segment_prepared(coarse_input, fine_input)
-        except Exception as err:  # noqa: BLE001  (one case's failure is its error row)
+            with _limit(row):
+                result = self.engine.segment_prepared(coarse_input, fine_input)
+        except CASE_FAILURES as err:  # one case's failure is its error row
             return _failed(row, "segment", err)
         row.update(self.node)
         row.update(
@@ -194,8 +216,9 @@ def finish_case(row: dict[str, Any], post_ratio: float) -> dict[str, Any]:
     """CPU task: DeCrop, post-processing, label check, mask write, metrics -> the output row."""
     if row.get("status") != STATUS_ERROR:
         try:
-            row = _finish(row, post_ratio)
-        except Exception as err:  # noqa: BLE001  (one case's failure is its error row)
+            with _limit(row):
+                row = _finish(row, post_ratio)
+        except CASE_FAILURES as err:  # one case's failure is its error row
             row = _failed(row, "finish", err)
     finished = time.time()
     out = {name: row.get(name) for name in runs.COLUMNS if name in row}

@@ -29,6 +29,12 @@ RETRY_MODE = "adaptive"
 """botocore retry mode when AWS_RETRY_MODE is unset: backoff plus client-side rate limiting on throttling."""
 MAX_ATTEMPTS = 10
 """Attempts per S3 request (the first included) when AWS_MAX_ATTEMPTS is unset."""
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 15.0
+"""Seconds an S3 connection may take to open, and a response to send its next bytes (botocore's
+default of 60 each let one stalled GET hold a case for 60 s x every attempt x every s3fs try)."""
+S3FS_TRIES = 2
+"""Times s3fs repeats a call that still fails after botocore's attempts (its own default: 5)."""
 
 
 def scheme(uri: str) -> str:
@@ -50,7 +56,10 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     options = cls._get_kwargs_from_urls(uri)
     if protocol in _S3_SCHEMES:
         options = {**_s3_options(), **options}
-    return cls(**options), cls._strip_protocol(uri)
+    fs = cls(**options)
+    if protocol in _S3_SCHEMES:
+        fs.retries = S3FS_TRIES  # a class attribute in s3fs, not an option
+    return fs, cls._strip_protocol(uri)
 
 
 def s3_retries() -> dict[str, Any]:
@@ -59,7 +68,8 @@ def s3_retries() -> dict[str, Any]:
 
     botocore retries 500/502/503/504, throttling (SlowDown) and connection errors with
     exponential backoff; s3fs repeats a call that still fails with SlowDown up to its own
-    `retries` (5) times, so one call makes at most 5 x AWS_MAX_ATTEMPTS requests: bounded.
+    `S3FS_TRIES` times, so one call makes at most S3FS_TRIES x AWS_MAX_ATTEMPTS requests, each
+    bounded by the connect and read timeouts.
     """
     mode = os.environ.get("AWS_RETRY_MODE") or RETRY_MODE
     attempts = os.environ.get("AWS_MAX_ATTEMPTS") or str(MAX_ATTEMPTS)
@@ -71,7 +81,8 @@ def s3_retries() -> dict[str, Any]:
 
 
 def _s3_options() -> dict[str, Any]:
-    return {"config_kwargs": {"retries": s3_retries()}}
+    return {"config_kwargs": {"retries": s3_retries(), "connect_timeout": CONNECT_TIMEOUT_S,
+                              "read_timeout": READ_TIMEOUT_S}}
 
 
 def is_local(uri: str) -> bool:

@@ -2,6 +2,8 @@
 server, and it answers a seeded share of the requests (or every request during a burst) with the
 errors a real object store gives under load: 503 SlowDown and 500 InternalError, with S3's XML
 error bodies. The other requests are forwarded to the server and its answers passed back.
+Requests for chosen objects can instead stall: the proxy holds them without answering, as a hung
+server or a dead network path does, until the client gives up.
 
 Faults are injected before forwarding, so a failed request never changed anything on the server
 (what S3 promises for 503 SlowDown). Everything is counted (`requests`, `served`, `injected`
@@ -49,6 +51,10 @@ class FaultProxy:
         self.requests = 0
         self.served = 0
         self.injected: Counter[int] = Counter()
+        self.stalled = 0
+        self.stalled_clients: list[tuple[str, int]] = []  # (host, port) of each stalled request's client
+        self._stall_paths: tuple[str, ...] = ()
+        self._closed = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -64,6 +70,19 @@ class FaultProxy:
         with self._lock:
             self._burst_until = time.monotonic() + seconds
 
+    def stall(self, *path_parts: str) -> None:
+        """Hold every GET whose path contains one of `path_parts` unanswered until closed."""
+        with self._lock:
+            self._stall_paths = path_parts
+
+    def _stalls(self, path: str, client: tuple[str, int]) -> bool:
+        with self._lock:
+            if any(part in path for part in self._stall_paths):
+                self.stalled += 1
+                self.stalled_clients.append(client)
+                return True
+            return False
+
     def in_burst(self) -> bool:
         return time.monotonic() < self._burst_until
 
@@ -73,7 +92,8 @@ class FaultProxy:
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            return {"requests": self.requests, "served": self.served, "injected": sum(self.injected.values()),
+            return {"requests": self.requests, "served": self.served, "stalled": self.stalled,
+                "injected": sum(self.injected.values()),
                     **{f"injected_{status}": n for status, n in sorted(self.injected.items())}}
 
     def _fault(self) -> int | None:
@@ -89,6 +109,7 @@ class FaultProxy:
 
     def close(self) -> None:
         """Stop answering and free the port (idempotent)."""
+        self._closed.set()
         self._timer.cancel()
         if self._thread.is_alive():
             self._server.shutdown()
@@ -135,6 +156,10 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
+                if self.command == "GET" and proxy._stalls(self.path, self.client_address[:2]):
+                    proxy._closed.wait()
+                    self.close_connection = True
+                    return
                 status = proxy._fault()
                 if status is not None:
                     code, message = FAULTS[status]

@@ -45,7 +45,7 @@ class Cluster:
 _cluster: Cluster | None = None
 
 
-START_ATTEMPTS = 2  # a raylet aborts when its dashboard agent starts late (seen at load 10 on 2 cores)
+START_ATTEMPTS = 3  # a raylet aborts when its dashboard agent starts late, or registers after Ray's fixed 30 s (load 10-18 on 2 cores)
 
 
 def _start() -> Cluster:

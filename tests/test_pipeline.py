@@ -222,7 +222,7 @@ def test_bad_inputs_each_give_one_error_row_and_good_cases_complete(ray_driver, 
     for case_id, fragment in expected.items():
         row = rows[case_id]
         assert row["status"] == "error" and fragment in row["error"], row
-        assert row["mask_uri"] is None
+        assert row["mask_uri"] is None and row["retryable"] is False  # bad content: a rerun meets it again
     for case_id in ("good_0", "dicom_good", *series):
         row = rows[case_id]
         assert row["status"] in ("ok", "no_organ"), row["error"]

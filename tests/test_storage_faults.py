@@ -199,3 +199,35 @@ def test_retry_settings_come_from_the_standard_variables(monkeypatch):
     monkeypatch.setenv("AWS_RETRY_MODE", "eager")
     with pytest.raises(InputError, match="AWS_RETRY_MODE: must be one of legacy, standard, adaptive"):
         storage.filesystem("s3://some-bucket/x")
+
+
+def test_a_stalled_object_times_out_bounded_and_becomes_a_retryable_error_row(proxy, s3_bucket, monkeypatch):
+    """A server that never answers one object: the read timeout ends each request, and the case's
+    time limit ends the case as an error row (retryable) while its neighbour reads through."""
+    import s3fs
+
+    from resdsn_ray.config import PreprocessConfig
+    from resdsn_ray.stages import read_case
+    from resdsn_ray.synthetic import make_case
+
+    image, _, affine = make_case(3, shape=(32, 32, 16))
+    for name in ("stalled_case", "good_case"):
+        storage.write_bytes(f"{s3_bucket}/stall/{name}.nii.gz", nifti_bytes(image, affine))
+    proxy.set_share(0.0)
+    proxy.stall("stalled_case")
+    monkeypatch.setattr(storage, "READ_TIMEOUT_S", 1.0)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(Exception) as raised:  # each request ends at the read timeout: bounded, retryable
+        storage.read_bytes(f"{s3_bucket}/stall/stalled_case.nii.gz")
+    assert storage.is_retryable(raised.value), repr(raised.value)
+    assert proxy.counts()["stalled"] == 2 * storage.S3FS_TRIES  # botocore's attempts x s3fs's tries
+
+    monkeypatch.setattr(storage, "READ_TIMEOUT_S", 60.0)  # now only the case's limit can end the stall
+    s3fs.S3FileSystem.clear_instance_cache()
+    rows = {name: read_case({"case_id": name, "image_uri": f"{s3_bucket}/stall/{name}.nii.gz"}, PreprocessConfig(), None,
+                            timeout_s=3.0) for name in ("stalled_case", "good_case")}
+    stalled, good = rows["stalled_case"], rows["good_case"]
+    assert stalled["status"] == "error" and stalled["retryable"] is True
+    assert stalled["error"] == "read: timed out after 3 s (--case-timeout-s)"
+    assert good.get("status") is None and good["coarse_input"].shape == (32, 32, 16)

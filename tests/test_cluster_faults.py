@@ -1,0 +1,134 @@
+"""Process faults of a real cluster, injected for real on the session's two-node Ray cluster:
+a read task killed (SIGKILL, as the OOM killer does) on every attempt, and a model actor killed
+in the middle of a case. Each run must end with exactly one row per case, masks for the good
+cases, and the lost case as one retryable error row: bounded, never hanging."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import boto3
+import pytest
+import s3fs
+import torch
+from fault_proxy import FaultProxy
+from process_faults import Killer, pid_of_client
+from ray_cluster import ray_cluster_fixture, ray_driver_fixture  # noqa: F401  (session fixtures)
+
+from resdsn_ray import storage
+from resdsn_ray.bundle import save_bundle
+from resdsn_ray.config import FINISHED, ArchiveJob, EngineConfig, ModelConfig, WindowConfig
+from resdsn_ray.model import build_model
+from resdsn_ray.pipeline import PROCESS_RETRIES, run_archive
+from resdsn_ray.synthetic import write_archive
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3]
+
+CASES = 3
+SHAPE = (64, 64, 40)  # a few seconds of windows per case: an actor is caught mid-case
+ENGINE = EngineConfig(coarse=WindowConfig(n=2), fine=WindowConfig(n=2), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server: str) -> str:
+    name = f"resdsn-faults-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def bundles(bucket: str) -> dict[str, str]:
+    uris = {}
+    for seed, stage in enumerate(("coarse", "fine"), start=1):
+        torch.manual_seed(seed)
+        uris[stage] = f"{bucket}/bundles/{stage}"
+        save_bundle(uris[stage], build_model("resdsn", width=4), ModelConfig(width=4, patch=16), stage)
+    return uris
+
+
+def job(archive: str, output: str, bundles: dict[str, str]) -> ArchiveJob:
+    return ArchiveJob(input=archive, output=output, coarse=bundles["coarse"], fine=bundles["fine"], engine=ENGINE,
+                      flush_rows=1)
+
+
+def one_final_row_per_case(rows: list[dict]) -> dict[str, dict]:
+    counts = Counter(r["case_id"] for r in rows)
+    assert set(counts.values()) == {1}, counts  # no case lost, none twice
+    return {r["case_id"]: r for r in rows}
+
+
+def test_a_case_whose_reader_is_killed_every_time_is_one_retryable_error_row(ray_driver, s3_server, bucket, bundles,
+                                                                             monkeypatch):
+    archive = f"{bucket}/poison"
+    write_archive(archive, cases=CASES, seed=5, shape=SHAPE)
+    for folder in ("imagesTr", "labelsTr"):  # a fourth case whose read the killer catches every time
+        storage.write_bytes(f"{archive}/{folder}/poison.nii.gz", storage.read_bytes(f"{archive}/{folder}/case_0000.nii.gz"))
+    with FaultProxy(s3_server) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # workers get the endpoint with the job
+        s3fs.S3FileSystem.clear_instance_cache()
+        proxy.stall("imagesTr/poison")  # its image read hangs until the killer finds the reader
+
+        def reader() -> int | None:
+            return next((pid for _, port in reversed(proxy.stalled_clients) if (pid := pid_of_client(port))), None)
+
+        killer = Killer(reader)
+        killer.start()
+        try:
+            result = run_archive(job(archive, f"{bucket}/out-poison", bundles))
+        finally:
+            kills = killer.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
+    rows = one_final_row_per_case(result.rows)
+    assert len(kills) == PROCESS_RETRIES + 1, kills  # the first attempt and each bounded retry
+    poison = rows.pop("poison")
+    assert poison["status"] == "error" and poison["retryable"] is True and poison["mask_uri"] is None
+    assert "died on every retry" in poison["error"], poison["error"]
+    for row in rows.values():
+        assert row["status"] in FINISHED, row["error"]
+        assert storage.exists(row["mask_uri"])
+
+
+def _actor_processes(dashboard: str) -> list[int]:
+    from ray.util.state import list_actors
+
+    return [a["pid"] for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
+            if "MapWorker" in (a.get("class_name") or "")]
+
+
+def _busy(pid: int, probe_s: float = 0.3) -> bool:
+    """Whether process `pid` is computing: it used over half a CPU during `probe_s`."""
+    import time
+
+    def cpu() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
+
+    try:
+        before = cpu()
+        time.sleep(probe_s)
+        return cpu() - before > probe_s / 2
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_a_model_actor_killed_mid_case_is_restarted_and_every_case_finishes_once(ray_driver, bucket, bundles):
+    archive = f"{bucket}/actor-kill"
+    write_archive(archive, cases=CASES, seed=6, shape=SHAPE)
+
+    def busy_actor() -> int | None:
+        return next((pid for pid in _actor_processes(ray_driver.dashboard) if _busy(pid)), None)
+
+    killer = Killer(busy_actor, limit=1)
+    killer.start()
+    try:
+        result = run_archive(job(archive, f"{bucket}/out-actor-kill", bundles))
+    finally:
+        kills = killer.stop()
+    assert len(kills) == 1, "no model actor was caught computing a case"
+    rows = one_final_row_per_case(result.rows)
+    assert sorted(rows) == [f"case_{i:04d}" for i in range(CASES)]
+    for row in rows.values():
+        assert row["status"] in FINISHED, row["error"]
+        assert storage.exists(row["mask_uri"])
