@@ -20,7 +20,9 @@ from pathlib import Path
 
 from resdsn_ray import storage
 from resdsn_ray.config import (
+    DEFAULT_FAMILY,
     DEMO_ENGINE,
+    FAMILY_NAMES,
     STAGES,
     STATUS_ERROR,
     ArchiveJob,
@@ -100,8 +102,9 @@ def bundle_uri(given: str | None, stage: str, demo_models: bool) -> str:
 def cmd_synth(args: argparse.Namespace) -> int:
     from resdsn_ray.synthetic import write_archive
 
-    cases = write_archive(args.out, cases=args.cases, seed=args.seed, shape=tuple(args.shape))
-    print(f"wrote {len(cases)} synthetic cases (MSD layout) to {args.out}")
+    shape = tuple(args.shape) if args.shape else None
+    cases = write_archive(args.out, cases=args.cases, seed=args.seed, shape=shape, family=args.family)
+    print(f"wrote {len(cases)} synthetic {args.family} cases (MSD layout) to {args.out}")
     return 0
 
 
@@ -212,7 +215,7 @@ def _flag(args: argparse.Namespace, dest: str) -> str:
 
 # Flag dest -> the recipe field it overrides (None: the preset's value).
 _RECIPE_FLAGS = {name: name for name in ("iterations", "optimizer", "lr", "seed", "width", "patch", "checkpoint_every",
-                                         "keep_checkpoints", "validate_every", "min_cases")} | {
+                                         "keep_checkpoints", "validate_every", "min_cases", "foreground_share", "loss")} | {
     "train_batch_size": "batch_size", "model": "name"}
 
 
@@ -333,6 +336,11 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, help=f"global mini-batches (paper: {paper.iterations:,})")
     parser.add_argument("--width", type=int, help=f"channels of the first layer (paper: {paper.model.width})")
     parser.add_argument("--patch", type=int, help=f"patch size P, a multiple of 8 (paper: {paper.model.patch})")
+    parser.add_argument("--foreground-share", type=float,
+                        help=f"coarse: share of patches centred on an organ voxel, the rest uniform (paper: "
+                             f"{paper.foreground_share:g}; demo: 0.5)")
+    parser.add_argument("--loss", choices=choices(TrainConfig, "loss"),
+                        help=f"{paper.loss}: Eq. 3's cross-entropy (paper); dice_ce: soft Dice + CE (small organs)")
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -401,7 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("out", help="output folder or URI")
     synth.add_argument("--cases", type=int, required=True)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"))
+    synth.add_argument("--family", choices=FAMILY_NAMES, default=DEFAULT_FAMILY,
+                       help="demo: quick 96x96x64 phantoms; hard: 192x192x80 at 0.8x0.8x2 mm, organ <= 0.5 %% of "
+                            "the voxels, LPS affines (closer to a real archive)")
+    synth.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="grid (default: the family's)")
     synth.set_defaults(run=cmd_synth)
 
     segment = commands.add_parser("segment", help="segment one case without Ray")

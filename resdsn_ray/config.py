@@ -27,8 +27,14 @@ Stage = Literal["coarse", "fine"]
 STAGES: tuple[Stage, ...] = typing.get_args(Stage)
 Preset = Literal["paper", "demo"]
 Optimizer = Literal["sgd", "adam"]
+Loss = Literal["ce", "dice_ce"]  # ce: the paper's Eq. 3; dice_ce: soft Dice + CE on each output (small organs)
 Shape = Literal["whole", "split"]
 ModelName = Literal["resdsn", "fresdsn", "sresdsn", "dsn", "res"]
+# Synthetic phantom families (`synthetic.FAMILIES`): demo is the quick one, hard is closer to a
+# real archive (anisotropic voxels, organ <= 0.5 % of the volume, LPS affines).
+Family = Literal["demo", "hard"]
+FAMILY_NAMES: tuple[Family, ...] = typing.get_args(Family)
+DEFAULT_FAMILY: Family = "demo"
 # A case's status: the engine decides ok / no_organ (the coarse stage found nothing, or the final
 # mask is empty), the archive job adds error and skipped (done by an earlier run).
 Status = Literal["ok", "no_organ", "error", "skipped"]
@@ -160,7 +166,7 @@ class TrainConfig(Settings):
 
     # Settings that define the trained model; the others (cadences) may change on resume.
     RECIPE: ClassVar[tuple[str, ...]] = ("stage", "iterations", "batch_size", "optimizer", "lr", "momentum", "lr_power",
-                                         "weight_decay", "seed", "model", "preprocess")
+                                         "weight_decay", "seed", "model", "preprocess", "foreground_share", "loss")
 
     stage: Stage = "coarse"
     preset: Preset = "paper"
@@ -172,6 +178,9 @@ class TrainConfig(Settings):
     lr_power: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
+    # Coarse stage: share of patches centred on an organ voxel, the rest uniform (paper: 0, all uniform).
+    foreground_share: float = 0.0
+    loss: Loss = "ce"
     model: ModelConfig = field(default_factory=ModelConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     checkpoint_every: int = 1000
@@ -187,6 +196,7 @@ class TrainConfig(Settings):
                      "min_cases"):
             self.require(name, getattr(self, name) >= 1, "at least 1")
         self.require("lr", self.lr > 0, "positive")
+        self.require("foreground_share", 0.0 <= self.foreground_share <= 1.0, "in [0, 1]")
         self.require("val_n", self.val_n >= 0, "0 or more")
         self.require("val_margin", self.val_margin >= 0, "0 or more")
 
