@@ -75,6 +75,8 @@ def add_bundle_flags(parser: argparse.ArgumentParser) -> None:
            help="use the shipped phantom-trained demo bundles where --coarse / --fine are not given (demos and tests "
                 "only: they are not trained on CT); every row says so")
     option(parser, "--mode", EngineConfig, "mode", help="c2f, or one stage alone (the paper's ablations)")
+    option(parser, "--allow-unfit", ArchiveJob, "allow_unfit",
+           help="use bundles their training marked unfit (validation DSC 0 or no foreground predicted) anyway")
 
 
 def bundle_uri(given: str | None, stage: str, demo_models: bool) -> str:
@@ -115,8 +117,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from resdsn_ray.volumes import check_same_grid, read_volume, write_mask
 
     config = settings(args, EngineConfig())
-    coarse = load_bundle(bundle_uri(args.coarse, "coarse", args.demo_models)) if config.mode != "fine" else None
-    fine = load_bundle(bundle_uri(args.fine, "fine", args.demo_models)) if config.mode != "coarse" else None
+    coarse = load_bundle(bundle_uri(args.coarse, "coarse", args.demo_models), allow_unfit=args.allow_unfit) \
+        if config.mode != "fine" else None
+    fine = load_bundle(bundle_uri(args.fine, "fine", args.demo_models), allow_unfit=args.allow_unfit) \
+        if config.mode != "coarse" else None
     start = time.perf_counter()
     volume = read_volume(args.image)
     t_read = time.perf_counter() - start
@@ -227,11 +231,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _recipe(args, args.stage)
     val_cases = args.val_cases if args.val_cases is not None else (2 if config.preset == "demo" else 0)
     try:
-        train(config, args.output, data=args.data, cases_uri=args.cases, val_data=args.val_data, val_cases=val_cases,
-              workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+        result = train(config, args.output, data=args.data, cases_uri=args.cases, val_data=args.val_data,
+                       val_cases=val_cases, workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+                       max_failures=args.max_failures)
     except TrainingFailedError as err:
         print(f"error: training failed: {err}\nrun the same command again to resume from the last checkpoint",
               file=sys.stderr)
+        return 1
+    if result.unfit:
+        print(f"error: the model is unfit ({result.unfit}); its bundle {result.bundle_uri} is marked so and refused "
+              "by segment, archive and cv unless --allow-unfit", file=sys.stderr)
         return 1
     return 0
 
@@ -255,6 +264,9 @@ def cmd_cv(args: argparse.Namespace) -> int:
           f"more:   resdsn metrics summary {output} --run {result.cv_id} --by fold; resdsn report {output}\n", flush=True)
     if storage.exists(runs.metrics_uri(output)):
         print(summary(output, run=result.cv_id).text(), flush=True)
+    for fold, stages in sorted(result.record.get("fit", {}).items(), key=lambda item: int(item[0])):
+        shown = ", ".join(f"{stage} {'fit' if state['fit'] else 'UNFIT: ' + state['unfit']}" for stage, state in stages.items())
+        print(f"fold {fold} models: {shown or 'not trained'}", flush=True)
     for fold, reason in sorted(result.failed.items()):
         print(f"error: fold {fold} failed: {reason}", file=sys.stderr)
     if result.failed:
@@ -393,6 +405,8 @@ def add_cv_flags(parser: argparse.ArgumentParser) -> None:
     option(parser, "--max-concurrent-folds", CVJob, "max_concurrent_folds", type=int,
            help="default: as many as the cluster has room for")
     option(parser, "--max-failures", CVJob, "max_failures", help="worker failures each training survives")
+    option(parser, "--allow-unfit", CVJob, "allow_unfit",
+           help="evaluate folds whose training marked a bundle unfit (validation DSC 0) instead of failing them")
     option(parser, "--lease-heartbeat-seconds", CVJob, "lease_heartbeat_s",
            help="the CV renews its hold on --output this often; a crashed CV's hold lapses after 4 of them")
     option(parser, "--address", CVJob, "address", type=str,

@@ -247,6 +247,7 @@ class ArchiveJob(Settings):
     address: str | None = None  # Ray cluster; None: RAY_ADDRESS / the submitting job, else a local Ray
     allow_prefixes: tuple[str, ...] | None = None  # where a manifest may point; None: the manifest's own folder
     demo_models: bool = False  # the shipped phantom-trained bundles on a real archive: allowed, and every row says so
+    allow_unfit: bool = False  # use bundles their training marked unfit (a collapsed model) anyway
     overwrite: bool = False
     run_id: str | None = None
     fold: int | None = None
@@ -279,6 +280,7 @@ class CVJob(Settings):
     val_cases: int = 0
     max_failures: int = 2
     address: str | None = None
+    allow_unfit: bool = ArchiveJob.allow_unfit  # evaluate a fold whose training marked a bundle unfit
     lease_heartbeat_s: float = ArchiveJob.lease_heartbeat_s  # the CV holds its output for all its folds' runs
 
     def check(self) -> None:

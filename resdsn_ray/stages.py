@@ -110,8 +110,11 @@ class _Stage:
         if gpu and not torch.cuda.is_available():
             raise InputError("--gpus-per-actor", f"this model actor holds a GPU but torch {torch.__version__} sees no "
                                                  "CUDA device (a CPU build of torch, or no driver, on this node)")
+        # The job refused unfit bundles before it started (`pipeline`), or was told to allow them.
         self.engine = CoarseToFine(
-            load_bundle(coarse) if coarse else None, load_bundle(fine) if fine else None, engine
+            load_bundle(coarse, allow_unfit=True) if coarse else None,
+            load_bundle(fine, allow_unfit=True) if fine else None,
+            engine,
         )
         self.node = _node() | {"device": device_name(self.engine.device), "compute_dtype": self.engine.precision}
 

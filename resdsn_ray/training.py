@@ -66,8 +66,10 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
-def validate(module: torch.nn.Module, config: TrainConfig, cases: list[ValidationCase], device: torch.device) -> list[float]:
-    """DSC of each held-out case, segmented by the engine with this stage alone.
+def validate(module: torch.nn.Module, config: TrainConfig, cases: list[ValidationCase],
+             device: torch.device) -> tuple[list[float], int]:
+    """DSC of each held-out case, segmented by the engine with this stage alone, and the
+    foreground voxels predicted over all of them (0: the model has collapsed to background).
 
     Coarse: the engine in `coarse` mode over the whole volume. Fine: the ground-truth box plus
     `val_margin` stands in for the coarse box (the engine's c2f crop with an oracle coarse
@@ -84,16 +86,30 @@ def validate(module: torch.nn.Module, config: TrainConfig, cases: list[Validatio
     else:
         engine = CoarseToFine(None, bundle, EngineConfig(mode="fine", fine=window, device=str(device)))
     scores: list[float] = []
+    predicted = 0
     for case in cases:
         if config.stage == "coarse":
-            scores.append(dice(engine.segment(case.image).mask, case.label))
-            continue
-        box = bounding_box(case.label, config.val_margin)
-        assert box is not None  # validation labels are never empty (load_validation_cases)
-        crop = preprocess(case.image.array, config.preprocess, case.case_id)[box.slices]
-        mask, _, _ = engine.run_stage("fine", crop)
-        scores.append(dice(finish_mask(mask, engine.config.post_ratio)[0], case.label[box.slices]))
-    return scores
+            mask, label = engine.segment(case.image).mask, case.label
+        else:
+            box = bounding_box(case.label, config.val_margin)
+            assert box is not None  # validation labels are never empty (load_validation_cases)
+            crop = preprocess(case.image.array, config.preprocess, case.case_id)[box.slices]
+            mask = finish_mask(engine.run_stage("fine", crop)[0], engine.config.post_ratio)[0]
+            label = case.label[box.slices]
+        scores.append(dice(mask, label))
+        predicted += int(np.count_nonzero(mask))
+    return scores, predicted
+
+
+def unfit_reason(val_dsc: float | None, predicted: int | None, cases: int) -> str | None:
+    """Why the last validation shows a collapsed model (None: it does not, or there was none)."""
+    if val_dsc is None or predicted is None:
+        return None
+    if predicted == 0:
+        return f"predicts no foreground on the {cases} validation case(s) (validation DSC {val_dsc:.4f})"
+    if val_dsc <= 0.0:
+        return f"validation DSC 0.0 over {cases} case(s): its foreground misses the organ"
+    return None
 
 
 # ------------------------------------------------------------------- the per-worker loop
@@ -170,6 +186,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start = int(state["iteration"]) if state is not None else 0
     history: list[dict[str, float]] = list(state["history"]) if state is not None else []
     val_dsc: float | None = state.get("val_dsc") if state is not None else None
+    val_foreground: int | None = state.get("val_foreground") if state is not None else None
     rng = np.random.default_rng([config.seed, rank, start])
     sampler = PatchSampler(cases, config.stage, config.model.patch, rng, config.foreground_share)
     local = split_batch(config.batch_size, world, rank)
@@ -203,28 +220,31 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             window_count, window_start = 0, time.perf_counter()
         paused = time.perf_counter()
         if has_val and (done % config.validate_every == 0 or last):
-            scores = validate(module, config, val, device)
-            total, count = _all_sum([sum(scores), len(scores)], device)
+            scores, predicted = validate(module, config, val, device)
+            total, count, predicted_all = _all_sum([sum(scores), len(scores), predicted], device)
             val_dsc = total / count if count else None
+            val_foreground = int(predicted_all) if count else None
             if log and val_dsc is not None:
-                say(f"[train] {config.stage} it {done}: validation mean DSC {val_dsc:.4f} over {int(count)} case(s)")
+                say(f"[train] {config.stage} it {done}: validation mean DSC {val_dsc:.4f} over {int(count)} case(s), "
+                    f"{val_foreground} foreground voxels predicted")
         if done % config.checkpoint_every == 0 or last:
             metrics = {
                 "iteration": done,
                 "loss": loss_value,
                 "lr": lr,
                 "val_dsc": val_dsc,
+                "val_foreground": val_foreground,
                 "start_iteration": start,
                 "checksums": _all_gather(parameter_checksum(model)),
                 "skipped": skipped_all,
                 "cases": len(usable),
             }
-            _report(metrics, rank, module, optimizer, done, history, val_dsc, skipped_all, config)
+            _report(metrics, rank, module, optimizer, done, history, skipped_all, config)
         window_start += time.perf_counter() - paused  # its/s counts training steps only
 
 
 def _report(metrics: dict[str, Any], rank: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
-            history: list[dict[str, float]], val_dsc: float | None, skipped: list[dict[str, str]], config: TrainConfig) -> None:
+            history: list[dict[str, float]], skipped: list[dict[str, str]], config: TrainConfig) -> None:
     """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
     import ray.train
 
@@ -237,7 +257,8 @@ def _report(metrics: dict[str, Any], rank: int, module: torch.nn.Module, optimiz
             "model": module.state_dict(),
             "optimizer": optimizer.state_dict(),
             "history": history,
-            "val_dsc": val_dsc,
+            "val_dsc": metrics["val_dsc"],
+            "val_foreground": metrics["val_foreground"],
             "skipped": skipped,
             "config": to_dict(config),
         }
@@ -262,6 +283,7 @@ class TrainResult:
     skipped: list[dict[str, str]]
     metrics: dict[str, Any]
     history: list[dict[str, float]]
+    unfit: str | None = None  # why the bundle is marked unfit (a collapsed model); None: fit or not checked
 
 
 def training_cases(data: str | None, cases_uri: str | None) -> tuple[list[Case], list[dict[str, str]]]:
@@ -425,6 +447,11 @@ def train(
     history = list(state["history"])
     final_loss = float(history[-1]["loss"]) if history else float("nan")
     iterations, val_dsc = int(state["iteration"]), state.get("val_dsc")
+    unfit = unfit_reason(val_dsc, state.get("val_foreground"), len(held))
+    if not held:
+        say("[train] fitness not checked: no validation cases (--val-cases or --val-data would show a collapse)")
+    elif unfit:
+        say(f"[train] UNFIT: {unfit}; the bundle is written but marked unfit (fit: false)")
     bundle_provenance = {
         "preset": config.preset,
         "data": data,
@@ -439,10 +466,11 @@ def train(
         **record["provenance"],
     }
     bundle_uri = storage.join(output, BUNDLE_DIR)
-    bundle_id = save_bundle(bundle_uri, model, config.model, config.stage, config.preprocess, bundle_provenance)
+    bundle_id = save_bundle(bundle_uri, model, config.model, config.stage, config.preprocess, bundle_provenance, unfit)
     record.update(status="done", finished_at=utc_iso(), iterations=iterations, final_loss=final_loss, val_dsc=val_dsc,
-                  skipped=state["skipped"], bundle=bundle_uri, bundle_id=bundle_id, history=history)
+                  skipped=state["skipped"], bundle=bundle_uri, bundle_id=bundle_id, history=history, fit=unfit is None,
+                  **({"unfit": unfit} if unfit else {}))
     storage.write_json(record_uri, record)
     say(f"[train] wrote bundle {bundle_id} to {bundle_uri} (final loss {final_loss:.4f}, validation DSC {val_dsc})")
     return TrainResult(output, bundle_uri, bundle_id, iterations, final_loss, val_dsc, state["skipped"],
-                       dict(result.metrics or {}), history)
+                       dict(result.metrics or {}), history, unfit)
