@@ -56,6 +56,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, windows_default: str | Non
     option(parser, "--n-fine", EngineConfig, "fine.n", **deferred,
            help=f"fine windows per axis: floor(L/P) + n (paper: {paper.fine.n}{windows_default or ''})")
     option(parser, "--margin", EngineConfig, "margin", help="crop margin around the coarse mask (voxels)")
+    option(parser, "--on-no-organ", EngineConfig, "on_no_organ",
+           help="C2F when the coarse stage finds nothing: empty (the paper: status no_organ) or fine (the fine model "
+                "on the whole volume; the row's fine_fallback says so)")
     option(parser, "--fusion", EngineConfig, "coarse.fusion", "fine.fusion", help="how overlapping windows are fused")
     option(parser, "--post-ratio", EngineConfig, "post_ratio", help="drop components below this share of the foreground")
     option(parser, "--batch-size", EngineConfig, "coarse.batch_size", "fine.batch_size", help="windows per forward pass")
@@ -105,8 +108,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from resdsn_ray.synthetic import write_archive
 
     shape = tuple(args.shape) if args.shape else None
-    cases = write_archive(args.out, cases=args.cases, seed=args.seed, shape=shape, family=args.family)
-    print(f"wrote {len(cases)} synthetic {args.family} cases (MSD layout) to {args.out}")
+    family = args.family or DEFAULT_FAMILY
+    cases = write_archive(args.out, cases=args.cases, seed=args.seed, shape=shape, family=family)
+    print(f"wrote {len(cases)} synthetic {family} cases (MSD layout) to {args.out}")
     return 0
 
 
@@ -141,6 +145,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "coarse_bbox": result.box.to_list() if result.box else None,
         "coarse_windows": result.coarse_windows,
         "fine_windows": result.fine_windows,
+        "fine_fallback": result.fine_fallback,
         "t_read_s": t_read,
         **{f"t_{stage}_s": seconds for stage, seconds in result.timings.items()},
         "t_write_s": t_write,
@@ -423,9 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("out", help="output folder or URI")
     synth.add_argument("--cases", type=int, required=True)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--family", choices=FAMILY_NAMES, default=DEFAULT_FAMILY,
-                       help="demo: quick 96x96x64 phantoms; hard: 192x192x80 at 0.8x0.8x2 mm, organ <= 0.5 %% of "
-                            "the voxels, LPS affines (closer to a real archive)")
+    synth.add_argument("--family", choices=FAMILY_NAMES,
+                       help=f"demo: quick 96x96x64 phantoms; hard: 192x192x80 at 0.8x0.8x2 mm, organ <= 0.5 %% of "
+                            f"the voxels, LPS affines (closer to a real archive); default {DEFAULT_FAMILY}")
     synth.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="grid (default: the family's)")
     synth.set_defaults(run=cmd_synth)
 

@@ -23,6 +23,9 @@ Mode = Literal["c2f", "coarse", "fine"]
 MODES: tuple[Mode, ...] = typing.get_args(Mode)  # the paper's order: C2F, coarse-only, fine-only
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # auto: bf16 where the device has bf16 units (devices)
 AccumulateOn = Literal["device", "cpu"]
+# C2F when the coarse stage finds nothing: empty (the paper: status no_organ) or fine (the fine
+# model on the whole volume; the row's `fine_fallback` says so).
+OnNoOrgan = Literal["empty", "fine"]
 Stage = Literal["coarse", "fine"]
 STAGES: tuple[Stage, ...] = typing.get_args(Stage)
 Preset = Literal["paper", "demo"]
@@ -135,6 +138,7 @@ class EngineConfig(Settings):
     precision: Precision = "auto"
     accumulate_on: AccumulateOn = "device"
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: NDHWC where faster (devices)
+    on_no_organ: OnNoOrgan = "empty"
 
     def check(self) -> None:
         self.require("margin", self.margin >= 0, "0 or more")
