@@ -2,6 +2,11 @@
 
 safetensors stores raw tensors only, so loading a bundle from an untrusted archive never
 unpickles arbitrary objects (unlike `torch.load` of a pickled state dict).
+
+A training whose model collapsed (validation DSC 0, or no foreground predicted on the validation
+cases) still writes its bundle, for inspection, but marks it unfit (`"fit": false` and the
+reason in config.json); loading refuses it unless asked to allow it. A bundle without the mark
+(older bundles, the shipped demo bundles) is fit.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class Bundle:
     provenance: dict[str, Any] = field(default_factory=dict)
     uri: str = ""
     id: str = ""
+    unfit: str | None = None  # why its training judged it unfit; None: fit
 
 
 def demo_bundle_uri(stage: str) -> str:
@@ -51,8 +57,12 @@ def save_bundle(
     stage: str,
     preprocess: PreprocessConfig = PreprocessConfig(),
     provenance: dict[str, Any] | None = None,
+    unfit: str | None = None,
 ) -> str:
-    """Write weights, then config.json last (its presence marks a complete bundle); return the id."""
+    """Write weights, then config.json last (its presence marks a complete bundle); return the id.
+
+    `unfit`: why the training judged the model unfit (written as `"fit": false, "unfit": why`).
+    """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, not {stage!r}")
     module = getattr(model, "module", model)  # unwrap DDP
@@ -66,14 +76,38 @@ def save_bundle(
         "model": to_dict(model_config),
         "preprocess": to_dict(preprocess),
         "provenance": provenance or {},
+        "fit": unfit is None,
+        **({"unfit": unfit} if unfit else {}),
     }
     storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights)
     storage.write_json(storage.join(uri, CONFIG_FILE), config)
     return bundle_id
 
 
-def load_bundle(uri: str, device: str | torch.device = "cpu") -> Bundle:
-    """Load a bundle's network in eval mode on `device`; a bad bundle raises InputError."""
+def unfit_reason(config: dict[str, Any]) -> str | None:
+    """Why a bundle's config.json marks it unfit; None for a fit bundle (or one without the mark)."""
+    if config.get("fit", True):
+        return None
+    return str(config.get("unfit") or "marked unfit by its training")
+
+
+def read_unfit(uri: str) -> str | None:
+    """`unfit_reason` of the bundle at `uri`, from its config.json alone (no weights read)."""
+    try:
+        return unfit_reason(storage.read_json(storage.join(uri, CONFIG_FILE)))
+    except FileNotFoundError as err:
+        raise InputError(uri, f"not a model bundle ({CONFIG_FILE} missing)") from err
+
+
+def refuse_unfit(uri: str, reason: str | None) -> None:
+    """Raise InputError naming the bundle when its training marked it unfit."""
+    if reason:
+        raise InputError(uri, f"model bundle marked unfit by its training: {reason} (--allow-unfit uses it anyway)")
+
+
+def load_bundle(uri: str, device: str | torch.device = "cpu", allow_unfit: bool = False) -> Bundle:
+    """Load a bundle's network in eval mode on `device`; a bad bundle, or one marked unfit
+    (unless `allow_unfit`), raises InputError."""
     try:
         config = storage.read_json(storage.join(uri, CONFIG_FILE))
         weights = storage.read_bytes(storage.join(uri, WEIGHTS_FILE))
@@ -81,6 +115,9 @@ def load_bundle(uri: str, device: str | torch.device = "cpu") -> Bundle:
         raise InputError(uri, f"not a model bundle ({CONFIG_FILE} or {WEIGHTS_FILE} missing)") from err
     except (OSError, ValueError) as err:
         raise InputError(uri, f"unreadable model bundle: {err}") from err
+    unfit = unfit_reason(config)
+    if not allow_unfit:
+        refuse_unfit(uri, unfit)
     try:
         model_config = from_dict(ModelConfig, config["model"])
         preprocess = from_dict(PreprocessConfig, config.get("preprocess", {}))
@@ -102,4 +139,5 @@ def load_bundle(uri: str, device: str | torch.device = "cpu") -> Bundle:
         provenance=config.get("provenance", {}),
         uri=str(uri),
         id=config.get("id") or hashlib.sha256(weights).hexdigest()[:12],
+        unfit=unfit,
     )

@@ -20,7 +20,9 @@ from pathlib import Path
 
 from resdsn_ray import storage
 from resdsn_ray.config import (
+    DEFAULT_FAMILY,
     DEMO_ENGINE,
+    FAMILY_NAMES,
     STAGES,
     STATUS_ERROR,
     ArchiveJob,
@@ -54,6 +56,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, windows_default: str | Non
     option(parser, "--n-fine", EngineConfig, "fine.n", **deferred,
            help=f"fine windows per axis: floor(L/P) + n (paper: {paper.fine.n}{windows_default or ''})")
     option(parser, "--margin", EngineConfig, "margin", help="crop margin around the coarse mask (voxels)")
+    option(parser, "--on-no-organ", EngineConfig, "on_no_organ",
+           help="C2F when the coarse stage finds nothing: empty (the paper: status no_organ) or fine (the fine model "
+                "on the whole volume; the row's fine_fallback says so)")
     option(parser, "--fusion", EngineConfig, "coarse.fusion", "fine.fusion", help="how overlapping windows are fused")
     option(parser, "--post-ratio", EngineConfig, "post_ratio", help="drop components below this share of the foreground")
     option(parser, "--batch-size", EngineConfig, "coarse.batch_size", "fine.batch_size", help="windows per forward pass")
@@ -73,6 +78,8 @@ def add_bundle_flags(parser: argparse.ArgumentParser) -> None:
            help="use the shipped phantom-trained demo bundles where --coarse / --fine are not given (demos and tests "
                 "only: they are not trained on CT); every row says so")
     option(parser, "--mode", EngineConfig, "mode", help="c2f, or one stage alone (the paper's ablations)")
+    option(parser, "--allow-unfit", ArchiveJob, "allow_unfit",
+           help="use bundles their training marked unfit (validation DSC 0 or no foreground predicted) anyway")
 
 
 def bundle_uri(given: str | None, stage: str, demo_models: bool) -> str:
@@ -100,8 +107,10 @@ def bundle_uri(given: str | None, stage: str, demo_models: bool) -> str:
 def cmd_synth(args: argparse.Namespace) -> int:
     from resdsn_ray.synthetic import write_archive
 
-    cases = write_archive(args.out, cases=args.cases, seed=args.seed, shape=tuple(args.shape))
-    print(f"wrote {len(cases)} synthetic cases (MSD layout) to {args.out}")
+    shape = tuple(args.shape) if args.shape else None
+    family = args.family or DEFAULT_FAMILY
+    cases = write_archive(args.out, cases=args.cases, seed=args.seed, shape=shape, family=family)
+    print(f"wrote {len(cases)} synthetic {family} cases (MSD layout) to {args.out}")
     return 0
 
 
@@ -112,8 +121,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from resdsn_ray.volumes import check_same_grid, read_volume, write_mask
 
     config = settings(args, EngineConfig())
-    coarse = load_bundle(bundle_uri(args.coarse, "coarse", args.demo_models)) if config.mode != "fine" else None
-    fine = load_bundle(bundle_uri(args.fine, "fine", args.demo_models)) if config.mode != "coarse" else None
+    coarse = load_bundle(bundle_uri(args.coarse, "coarse", args.demo_models), allow_unfit=args.allow_unfit) \
+        if config.mode != "fine" else None
+    fine = load_bundle(bundle_uri(args.fine, "fine", args.demo_models), allow_unfit=args.allow_unfit) \
+        if config.mode != "coarse" else None
     start = time.perf_counter()
     volume = read_volume(args.image)
     t_read = time.perf_counter() - start
@@ -134,6 +145,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "coarse_bbox": result.box.to_list() if result.box else None,
         "coarse_windows": result.coarse_windows,
         "fine_windows": result.fine_windows,
+        "fine_fallback": result.fine_fallback,
         "t_read_s": t_read,
         **{f"t_{stage}_s": seconds for stage, seconds in result.timings.items()},
         "t_write_s": t_write,
@@ -212,7 +224,7 @@ def _flag(args: argparse.Namespace, dest: str) -> str:
 
 # Flag dest -> the recipe field it overrides (None: the preset's value).
 _RECIPE_FLAGS = {name: name for name in ("iterations", "optimizer", "lr", "seed", "width", "patch", "checkpoint_every",
-                                         "keep_checkpoints", "validate_every", "min_cases")} | {
+                                         "keep_checkpoints", "validate_every", "min_cases", "foreground_share", "loss")} | {
     "train_batch_size": "batch_size", "model": "name"}
 
 
@@ -224,11 +236,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _recipe(args, args.stage)
     val_cases = args.val_cases if args.val_cases is not None else (2 if config.preset == "demo" else 0)
     try:
-        train(config, args.output, data=args.data, cases_uri=args.cases, val_data=args.val_data, val_cases=val_cases,
-              workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+        result = train(config, args.output, data=args.data, cases_uri=args.cases, val_data=args.val_data,
+                       val_cases=val_cases, workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+                       max_failures=args.max_failures)
     except TrainingFailedError as err:
         print(f"error: training failed: {err}\nrun the same command again to resume from the last checkpoint",
               file=sys.stderr)
+        return 1
+    if result.unfit:
+        print(f"error: the model is unfit ({result.unfit}); its bundle {result.bundle_uri} is marked so and refused "
+              "by segment, archive and cv unless --allow-unfit", file=sys.stderr)
         return 1
     return 0
 
@@ -252,6 +269,9 @@ def cmd_cv(args: argparse.Namespace) -> int:
           f"more:   resdsn metrics summary {output} --run {result.cv_id} --by fold; resdsn report {output}\n", flush=True)
     if storage.exists(runs.metrics_uri(output)):
         print(summary(output, run=result.cv_id).text(), flush=True)
+    for fold, stages in sorted(result.record.get("fit", {}).items(), key=lambda item: int(item[0])):
+        shown = ", ".join(f"{stage} {'fit' if state['fit'] else 'UNFIT: ' + state['unfit']}" for stage, state in stages.items())
+        print(f"fold {fold} models: {shown or 'not trained'}", flush=True)
     for fold, reason in sorted(result.failed.items()):
         print(f"error: fold {fold} failed: {reason}", file=sys.stderr)
     if result.failed:
@@ -336,6 +356,11 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, help=f"global mini-batches (paper: {paper.iterations:,})")
     parser.add_argument("--width", type=int, help=f"channels of the first layer (paper: {paper.model.width})")
     parser.add_argument("--patch", type=int, help=f"patch size P, a multiple of 8 (paper: {paper.model.patch})")
+    parser.add_argument("--foreground-share", type=float,
+                        help=f"coarse: share of patches centred on an organ voxel, the rest uniform (paper: "
+                             f"{paper.foreground_share:g}; demo: 0.5)")
+    parser.add_argument("--loss", choices=choices(TrainConfig, "loss"),
+                        help=f"{paper.loss}: Eq. 3's cross-entropy (paper); dice_ce: soft Dice + CE (small organs)")
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -388,6 +413,8 @@ def add_cv_flags(parser: argparse.ArgumentParser) -> None:
     option(parser, "--max-concurrent-folds", CVJob, "max_concurrent_folds", type=int,
            help="default: as many as the cluster has room for")
     option(parser, "--max-failures", CVJob, "max_failures", help="worker failures each training survives")
+    option(parser, "--allow-unfit", CVJob, "allow_unfit",
+           help="evaluate folds whose training marked a bundle unfit (validation DSC 0) instead of failing them")
     option(parser, "--lease-heartbeat-seconds", CVJob, "lease_heartbeat_s",
            help="the CV renews its hold on --output this often; a crashed CV's hold lapses after 4 of them")
     option(parser, "--address", CVJob, "address", type=str,
@@ -404,7 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("out", help="output folder or URI")
     synth.add_argument("--cases", type=int, required=True)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"))
+    synth.add_argument("--family", choices=FAMILY_NAMES,
+                       help=f"demo: quick 96x96x64 phantoms; hard: 192x192x80 at 0.8x0.8x2 mm, organ <= 0.5 %% of "
+                            f"the voxels, LPS affines (closer to a real archive); default {DEFAULT_FAMILY}")
+    synth.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="grid (default: the family's)")
     synth.set_defaults(run=cmd_synth)
 
     segment = commands.add_parser("segment", help="segment one case without Ray")

@@ -23,12 +23,21 @@ Mode = Literal["c2f", "coarse", "fine"]
 MODES: tuple[Mode, ...] = typing.get_args(Mode)  # the paper's order: C2F, coarse-only, fine-only
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # auto: bf16 where the device has bf16 units (devices)
 AccumulateOn = Literal["device", "cpu"]
+# C2F when the coarse stage finds nothing: empty (the paper: status no_organ) or fine (the fine
+# model on the whole volume; the row's `fine_fallback` says so).
+OnNoOrgan = Literal["empty", "fine"]
 Stage = Literal["coarse", "fine"]
 STAGES: tuple[Stage, ...] = typing.get_args(Stage)
 Preset = Literal["paper", "demo"]
 Optimizer = Literal["sgd", "adam"]
+Loss = Literal["ce", "dice_ce"]  # ce: the paper's Eq. 3; dice_ce: soft Dice + CE on each output (small organs)
 Shape = Literal["whole", "split"]
 ModelName = Literal["resdsn", "fresdsn", "sresdsn", "dsn", "res"]
+# Synthetic phantom families (`synthetic.FAMILIES`): demo is the quick one, hard is closer to a
+# real archive (anisotropic voxels, organ <= 0.5 % of the volume, LPS affines).
+Family = Literal["demo", "hard"]
+FAMILY_NAMES: tuple[Family, ...] = typing.get_args(Family)
+DEFAULT_FAMILY: Family = "demo"
 # A case's status: the engine decides ok / no_organ (the coarse stage found nothing, or the final
 # mask is empty), the archive job adds error and skipped (done by an earlier run).
 Status = Literal["ok", "no_organ", "error", "skipped"]
@@ -129,6 +138,7 @@ class EngineConfig(Settings):
     precision: Precision = "auto"
     accumulate_on: AccumulateOn = "device"
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: NDHWC where faster (devices)
+    on_no_organ: OnNoOrgan = "empty"
 
     def check(self) -> None:
         self.require("margin", self.margin >= 0, "0 or more")
@@ -160,7 +170,7 @@ class TrainConfig(Settings):
 
     # Settings that define the trained model; the others (cadences) may change on resume.
     RECIPE: ClassVar[tuple[str, ...]] = ("stage", "iterations", "batch_size", "optimizer", "lr", "momentum", "lr_power",
-                                         "weight_decay", "seed", "model", "preprocess")
+                                         "weight_decay", "seed", "model", "preprocess", "foreground_share", "loss")
 
     stage: Stage = "coarse"
     preset: Preset = "paper"
@@ -172,6 +182,9 @@ class TrainConfig(Settings):
     lr_power: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
+    # Coarse stage: share of patches centred on an organ voxel, the rest uniform (paper: 0, all uniform).
+    foreground_share: float = 0.0
+    loss: Loss = "ce"
     model: ModelConfig = field(default_factory=ModelConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     checkpoint_every: int = 1000
@@ -187,6 +200,7 @@ class TrainConfig(Settings):
                      "min_cases"):
             self.require(name, getattr(self, name) >= 1, "at least 1")
         self.require("lr", self.lr > 0, "positive")
+        self.require("foreground_share", 0.0 <= self.foreground_share <= 1.0, "in [0, 1]")
         self.require("val_n", self.val_n >= 0, "0 or more")
         self.require("val_margin", self.val_margin >= 0, "0 or more")
 
@@ -239,6 +253,7 @@ class ArchiveJob(Settings):
     address: str | None = None  # Ray cluster; None: RAY_ADDRESS / the submitting job, else a local Ray
     allow_prefixes: tuple[str, ...] | None = None  # where a manifest may point; None: the manifest's own folder
     demo_models: bool = False  # the shipped phantom-trained bundles on a real archive: allowed, and every row says so
+    allow_unfit: bool = False  # use bundles their training marked unfit (a collapsed model) anyway
     overwrite: bool = False
     run_id: str | None = None
     fold: int | None = None
@@ -271,6 +286,7 @@ class CVJob(Settings):
     val_cases: int = 0
     max_failures: int = 2
     address: str | None = None
+    allow_unfit: bool = ArchiveJob.allow_unfit  # evaluate a fold whose training marked a bundle unfit
     lease_heartbeat_s: float = ArchiveJob.lease_heartbeat_s  # the CV holds its output for all its folds' runs
 
     def check(self) -> None:

@@ -23,6 +23,10 @@ and its trial restore and Ray Train V2's own resume would overlap. Concurrency i
 one fold's workers), and each fold's evaluation uses only the fold's own share of the cluster,
 so a fold that evaluates never waits on another fold's training.
 
+A fold whose training marks a bundle unfit (a collapsed model: `training.unfit_reason`) fails
+with that reason instead of being evaluated, unless `allow_unfit`; cv.json keeps each fold's
+fitness per stage (`fit`) whatever happened, and the report shows it.
+
 Resume: splits.json is reused as written; a fold with done.json is not touched; a training whose
 bundle exists is not redone (an unfinished one resumes from its last checkpoint); an archive
 run skips the cases already segmented with the same models and settings (`resdsn_ray.runs`).
@@ -42,7 +46,7 @@ import numpy as np
 
 from resdsn_ray import lease, runs, storage
 from resdsn_ray.archive import Case
-from resdsn_ray.bundle import CONFIG_FILE
+from resdsn_ray.bundle import CONFIG_FILE, read_unfit, refuse_unfit
 from resdsn_ray.config import STAGES, ArchiveJob, CVJob, Resources, mask_settings, recipe, to_dict
 from resdsn_ray.errors import InputError
 from resdsn_ray.provenance import provenance, utc_iso
@@ -172,6 +176,9 @@ def run_fold(job: CVJob, fold: int, run_prefix: str) -> dict[str, Any]:
         else:
             say(f"{stage} already trained: {bundle}")
         bundles[stage] = bundle
+    if not job.allow_unfit:
+        for stage, bundle in bundles.items():
+            refuse_unfit(bundle, read_unfit(bundle))
     resources = eval_resources(job)
     evaluated: dict[str, Any] = {}
     for mode in EVAL_MODES:
@@ -179,13 +186,24 @@ def run_fold(job: CVJob, fold: int, run_prefix: str) -> dict[str, Any]:
             input=storage.join(folder, "test.csv"), output=job.output, coarse=bundles["coarse"], fine=bundles["fine"],
             engine=replace(job.engine, mode=mode), resources=resources,
             run_id=_fresh_run_id(job.output, f"{run_prefix}-fold{fold}-{mode}"), fold=fold, progress_s=60.0,
-            allow_prefixes=(job.data,), hold_output=False,
+            allow_prefixes=(job.data,), hold_output=False, allow_unfit=job.allow_unfit,
         )
         result = run_archive(archive_job, say=say)
         evaluated[mode] = {"run_id": result.run_id, "counts": result.counts}
     done = {"fold": fold, "bundles": bundles, "runs": evaluated, "finished_at": utc_iso()}
     storage.write_json(storage.join(folder, DONE_FILE), done)
     return done
+
+
+def fold_fitness(output: str, fold: int) -> dict[str, Any]:
+    """Each trained stage of a fold: {"fit": bool} plus "unfit": why; stages not trained are left out."""
+    fitness: dict[str, Any] = {}
+    for stage in STAGES:
+        bundle = trained_bundle(storage.join(fold_dir(output, fold), stage))
+        if bundle is not None:
+            reason = read_unfit(bundle)
+            fitness[stage] = {"fit": reason is None, **({"unfit": reason} if reason else {})}
+    return fitness
 
 
 def _fresh_run_id(output: str, name: str) -> str:
@@ -266,6 +284,7 @@ def _run_cv(job: CVJob, say: Callable[[str], None]) -> CVResult:
                 failed[fold] = str(cause) if isinstance(cause, InputError) else f"{type(cause).__name__}: {cause}"
                 record["fold_state"][str(fold)] = f"failed: {failed[fold]}"
                 say(f"fold {fold} FAILED: {failed[fold]}")
-    record.update(status="failed" if failed else "finished", ended_at=utc_iso())
+    record.update(status="failed" if failed else "finished", ended_at=utc_iso(),
+                  fit={str(k): fold_fitness(job.output, k) for k in range(job.folds)})
     storage.write_json(record_uri, record)
     return CVResult(record["cv_id"], record, failed)

@@ -5,6 +5,10 @@ components -> bounding box + margin. FINE: sliding windows (n = 12) over the cro
 DeCrop into the full grid -> drop small components. Ray only schedules this; the engine runs
 on a bare torch box.
 
+When the coarse stage finds nothing, C2F ends with status no_organ, as the paper; with
+`on_no_organ="fine"` the fine model runs on the whole volume instead (`fine_fallback`), for
+archives where a coarse model misses small organs a fine model would find.
+
 The fine stage sees the cropped *image* (not the image multiplied by the coarse mask, as a
 literal reading of Eq. 4 suggests): the fine model is trained on patches of the unmasked image
 inside the ground-truth box (Sec. 4.1), so that is the input distribution it knows.
@@ -46,6 +50,7 @@ class Segmentation:
     coarse_windows: int = 0
     fine_windows: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    fine_fallback: bool = False  # the coarse stage found nothing and the fine model ran on the whole volume
 
 
 def prepare_inputs(
@@ -115,6 +120,10 @@ class CoarseToFine:
         start = time.perf_counter()
         box = self.locate(scores)
         timings["post"] = time.perf_counter() - start
+        if box is None and self.config.on_no_organ == "fine":
+            fine_scores, result.fine_windows, timings["fine"] = self.run_stage("fine", fine_input)
+            result.fine_fallback = True
+            return self._finish(fine_scores, result, timings)
         if box is None:
             result.mask = np.zeros(shape, dtype=np.uint8)
             result.status = STATUS_NO_ORGAN

@@ -212,13 +212,23 @@ def build_model(
     return ResDSN(VARIANTS[name], width, in_channels, classes)
 
 
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - the batch's soft Dice of the foreground class (nnU-Net's batch Dice): it weighs the
+    organ by its own size, not by its few voxels among the background's many as CE does."""
+    probability = torch.softmax(logits.float(), dim=1)[:, 1]
+    truth = (target == 1).float()
+    overlap = (probability * truth).sum()
+    return 1 - (2 * overlap + 1) / (probability.sum() + truth.sum() + 1)
+
+
 def deep_supervision_loss(
-    outputs: Outputs, target: torch.Tensor, aux_weights: tuple[float, float] = (0.2, 0.4)
+    outputs: Outputs, target: torch.Tensor, aux_weights: tuple[float, float] = (0.2, 0.4), loss: str = "ce"
 ) -> torch.Tensor:
     """Eq. 3 without the L2 term: CE(main) + xi_1 CE(aux Conv2b) + xi_2 CE(aux Conv3b).
 
     `outputs` is a training-mode forward result (or a bare main-logits tensor); `target` is
     [B, D, H, W] class indices. CE is the voxel mean, computed in float32 under autocast too.
+    `loss` "dice_ce" adds the soft Dice to each output's CE (same weights).
     """
     if isinstance(outputs, torch.Tensor):
         outputs = (outputs,)
@@ -226,8 +236,13 @@ def deep_supervision_loss(
         raise ValueError(f"expected 1 or 3 outputs (main[, aux2, aux3]); got {len(outputs)}")
     if len(aux_weights) != 2:
         raise ValueError(f"aux_weights needs two values (xi_1, xi_2); got {aux_weights!r}")
-    loss = F.cross_entropy(outputs[0].float(), target)
+
+    def term(logits: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits.float(), target)
+        return ce + soft_dice_loss(logits, target) if loss == "dice_ce" else ce
+
+    total = term(outputs[0])
     if len(outputs) == 3:
         for weight, aux in zip(aux_weights, outputs[1:], strict=True):
-            loss = loss + weight * F.cross_entropy(aux.float(), target)
-    return loss
+            total = total + weight * term(aux)
+    return total

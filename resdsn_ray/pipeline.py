@@ -178,8 +178,8 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
     listing = scan(job.input, allow_prefixes=job.allow_prefixes)
     cases = listing.cases
     mode = job.engine.mode
-    coarse = load_bundle(job.coarse) if mode != "fine" else None
-    fine = load_bundle(job.fine) if mode != "coarse" else None
+    coarse = load_bundle(job.coarse, allow_unfit=job.allow_unfit) if mode != "fine" else None
+    fine = load_bundle(job.fine, allow_unfit=job.allow_unfit) if mode != "coarse" else None
     ids = {"coarse": coarse.id if coarse else None, "fine": fine.id if fine else None}
     settings = {"coarse_model": ids["coarse"], "fine_model": ids["fine"], **mask_settings(job.engine)}
     cfg = runs.config_id(settings)

@@ -55,6 +55,7 @@ def preset_config(preset: str, stage: str, **overrides: Any) -> TrainConfig:
             validate_every=300,
             val_n=2,
             log_every=10,
+            foreground_share=0.5 if stage == "coarse" else 0.0,
         )
     given = {k: v for k, v in overrides.items() if v is not None}
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -97,6 +98,7 @@ def train_step(
     lr: float,
     aux_weights: tuple[float, float],
     scale: float = 1.0,
+    loss_name: str = "ce",
 ) -> torch.Tensor:
     """One SGD step on Eq. 3 at learning rate `lr`; returns the (unscaled) loss, detached.
 
@@ -106,7 +108,7 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    loss = deep_supervision_loss(model(images), labels, aux_weights)
+    loss = deep_supervision_loss(model(images), labels, aux_weights, loss_name)
     (loss * scale).backward()
     optimizer.step()
     return loss.detach()

@@ -251,6 +251,7 @@ def render(output_uri: str, run: str | None, summaries: list[query.Summary], cas
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{_esc(title)}</title>\n"
              f"<style>{_STYLE}</style>\n</head>\n<body>\n<h1>{_esc(title)}</h1>"]
     parts.append(_runs_section(records))
+    parts.append(_folds_section(records))
     parts.append("<h2>Summary</h2>")
     for summary in summaries:
         if summary.by == "fold" and all(g.fold is None for g in summary.groups):
@@ -285,6 +286,23 @@ def _runs_section(records: list[tuple[str, str, dict[str, Any] | None]]) -> str:
     headers = ["run", "status", "mode", "fold", "started", "ended", "cases", "counts", "input", "bundles (coarse / fine)"]
     body = _table(headers, [[_esc(query.cell(v)) for v in line] for line in lines], text_columns=set(range(len(headers))))
     return "<h2>Runs</h2>\n" + (body if lines else '<p class="note">no run records</p>')
+
+
+def _folds_section(records: list[tuple[str, str, dict[str, Any] | None]]) -> str:
+    """A cross-validation's folds: state and each model's fitness (a collapsed training is unfit)."""
+    cv = next((record for title, _, record in records if title == "cv.json" and record), None)
+    if cv is None:
+        return ""
+    states, fitness = cv.get("fold_state") or {}, cv.get("fit") or {}
+
+    def shown(stage: dict[str, Any] | None) -> str:
+        return "not trained" if stage is None else "fit" if stage.get("fit") else f"UNFIT: {stage.get('unfit')}"
+
+    lines = [[_esc(fold), _esc(query.cell(states.get(fold))),
+              *(_esc(shown((fitness.get(fold) or {}).get(stage))) for stage in config.STAGES)]
+             for fold in sorted(set(states) | set(fitness), key=int)]
+    return "<h2>Cross-validation folds</h2>\n" + _table(["fold", "state", "coarse model", "fine model"], lines,
+                                                        text_columns={1, 2, 3})
 
 
 def _overlay_section(mode: str | None, overlays: list[Overlay]) -> str:

@@ -57,6 +57,7 @@ ROW_SCHEMA = pa.schema(
         ("coarse_bbox", pa.list_(pa.int32())),
         ("coarse_windows", pa.int32()),
         ("fine_windows", pa.int32()),
+        ("fine_fallback", pa.bool_()),  # C2F: the coarse stage found nothing, the fine model ran on the whole volume
         *[(key, pa.float64()) for key in METRIC_KEYS],
         *[(key, pa.float64()) for key in TIMING_KEYS],
         ("t_total_s", pa.float64()),

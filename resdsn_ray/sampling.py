@@ -1,7 +1,10 @@
 """Training data in worker memory (paper Sec. 4.1): cases loaded and preprocessed once, P^3 patches
 cut from them, and the cube-symmetry augmentation.
 
-- coarse: patches uniformly anywhere in the volume (hard negatives included);
+- coarse: patches uniformly anywhere in the volume (hard negatives included), as the paper; a
+  `foreground_share` of them may instead be centred on a random organ voxel (nnU-Net draws a
+  third of its patches so): where the organ is a few tenths of a percent of the volume, uniform
+  patches almost never show it, and a short training learns to predict background everywhere;
 - fine: around a random ground-truth voxel, so every patch covers organ voxels;
 - every patch gets one of the cube's 48 symmetries (90/180/270 degree rotations and flips on
   all three axes), drawn uniformly and applied identically to image and label.
@@ -81,6 +84,12 @@ def coarse_origin(shape: tuple[int, ...], patch: int, rng: np.random.Generator) 
     return tuple(int(rng.integers(0, s - patch + 1)) for s in shape)  # type: ignore[return-value]
 
 
+def centred_origin(voxel: np.ndarray, shape: tuple[int, ...], patch: int) -> tuple[int, int, int]:
+    """The patch corner that centres the patch on `voxel`, moved inside the volume."""
+    corner = np.clip(np.asarray(voxel) - patch // 2, 0, np.asarray(shape) - patch)
+    return tuple(int(c) for c in corner)  # type: ignore[return-value]
+
+
 def fine_origin(organ: np.ndarray, shape: tuple[int, ...], patch: int, rng: np.random.Generator) -> tuple[int, int, int]:
     """A random patch corner such that the patch contains a random organ voxel."""
     voxel = organ[rng.integers(len(organ))]
@@ -115,19 +124,39 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> t
 
 
 class PatchSampler:
-    """Augmented training patches of one stage from cases held in memory."""
+    """Augmented training patches of one stage from cases held in memory.
 
-    def __init__(self, cases: list[TrainingCase], stage: str, patch: int, rng: np.random.Generator) -> None:
+    It counts the label voxels it hands out, so the training log can show how much organ the
+    model sees (`take_foreground_share`).
+    """
+
+    def __init__(self, cases: list[TrainingCase], stage: str, patch: int, rng: np.random.Generator,
+                 foreground_share: float = 0.0) -> None:
         if not cases:
             raise ValueError("PatchSampler needs at least one case")
         if stage == "fine" and any(case.organ is None for case in cases):
             raise ValueError("the fine sampler needs cases prepared for the fine stage (organ voxels)")
+        if not 0.0 <= foreground_share <= 1.0:
+            raise ValueError(f"foreground_share must be in [0, 1], not {foreground_share}")
         self.cases, self.stage, self.patch, self.rng = cases, stage, patch, rng
+        self.foreground_share = foreground_share if stage == "coarse" else 0.0
+        # Coarse cases keep their whole volume; their organ voxels are listed only when needed.
+        self.organ = {id(c): np.argwhere(c.label) for c in cases} if self.foreground_share else {}
+        self.voxels = np.zeros(2, dtype=np.int64)  # [foreground, all] handed out since the last take
 
     def origin(self, case: TrainingCase) -> tuple[int, int, int]:
         if case.organ is not None and self.stage == "fine":
             return fine_origin(case.organ, case.image.shape, self.patch, self.rng)
+        organ = self.organ.get(id(case))
+        if organ is not None and len(organ) and self.rng.random() < self.foreground_share:
+            return centred_origin(organ[self.rng.integers(len(organ))], case.image.shape, self.patch)
         return coarse_origin(case.image.shape, self.patch, self.rng)
+
+    def take_foreground_share(self) -> tuple[int, int]:
+        """(foreground voxels, all voxels) in the patches handed out since the last call."""
+        counts = (int(self.voxels[0]), int(self.voxels[1]))
+        self.voxels[:] = 0
+        return counts
 
     def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
         """Images [size, 1, P, P, P] float32 and labels [size, P, P, P] uint8.
@@ -142,6 +171,7 @@ class PatchSampler:
             x, y, z = self.origin(case)
             window = (slice(x, x + p), slice(y, y + p), slice(z, z + p))
             images[i, 0], labels[i] = augment(case.image[window], case.label[window], self.rng)
+        self.voxels += (np.count_nonzero(labels), labels.size)
         return images, labels
 
 

@@ -129,8 +129,11 @@ class _Stage:
         if gpu and not torch.cuda.is_available():
             raise InputError("--gpus-per-actor", f"this model actor holds a GPU but torch {torch.__version__} sees no "
                                                  "CUDA device (a CPU build of torch, or no driver, on this node)")
+        # The job refused unfit bundles before it started (`pipeline`), or was told to allow them.
         self.engine = CoarseToFine(
-            load_bundle(coarse) if coarse else None, load_bundle(fine) if fine else None, engine
+            load_bundle(coarse, allow_unfit=True) if coarse else None,
+            load_bundle(fine, allow_unfit=True) if fine else None,
+            engine,
         )
         self.node = _node() | {"device": device_name(self.engine.device), "compute_dtype": self.engine.precision}
 
@@ -155,10 +158,13 @@ class CoarseStage(_Stage):
             return _failed(row, "coarse", err)
         source = image if row["shared_input"] else row["fine_input"]
         row.update(self.node)
+        if box is None and self.engine.config.on_no_organ == "fine":  # the fine pool takes the whole volume
+            row.update(coarse_bbox=None, fine_fallback=True, fine_at=[0, 0, 0, *source.shape])
+            return _with_arrays(row, fine_input=source)
         if box is None:
-            row.update(status=STATUS_NO_ORGAN, coarse_bbox=None)
+            row.update(status=STATUS_NO_ORGAN, coarse_bbox=None, fine_fallback=False, fine_at=None)
             return _with_arrays(row)
-        row["coarse_bbox"] = box.to_list()
+        row.update(coarse_bbox=box.to_list(), fine_fallback=False, fine_at=box.to_list())
         # Only the crop travels on, as the fine pool's input.
         return _with_arrays(row, fine_input=np.ascontiguousarray(source[box.slices]))
 
@@ -177,7 +183,7 @@ class FineStage(_Stage):
                 mask, row["fine_windows"], row["t_fine_s"] = self.engine.run_stage("fine", row["fine_input"])
         except CASE_FAILURES as err:  # one case's failure is its error row
             return _failed(row, "fine", err)
-        row.update(mask_at=row["coarse_bbox"], post_done=False)
+        row.update(mask_at=row["fine_at"], post_done=False)
         return _with_arrays(row, mask_box=mask.astype(np.uint8))
 
 
@@ -199,6 +205,7 @@ class WholeCase(_Stage):
             coarse_windows=result.coarse_windows,
             fine_windows=result.fine_windows,
             coarse_bbox=result.box.to_list() if result.box else None,
+            fine_fallback=result.fine_fallback,
             t_coarse_s=result.timings.get("coarse"),
             t_fine_s=result.timings.get("fine"),
             t_post_s=result.timings.get("post"),

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from resdsn_ray import storage, volumes
+from resdsn_ray.config import DEFAULT_FAMILY, Family
 
 DEFAULT_SHAPE = (96, 96, 64)
 # Orientations as nibabel axis codes: the world direction each voxel axis increases towards.
@@ -39,12 +40,14 @@ def make_case(
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     spacing: tuple[float, float, float] | None = None,
     orientation: str | None = None,
+    organ_scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One phantom: (image int16 HU [i, j, k], label uint8 {0, 1}, affine voxel -> RAS+ mm).
 
     `spacing` (mm along i, j, k) overrides the seed's field of view. `orientation` forces an
     axis code such as "RAS" (canonical), "LPS" or "RAI" on an axis-aligned grid; by default the
     seed picks one. All forced orientations of a seed sample the same world points.
+    `organ_scale` multiplies the organ's radii (its neighbours follow it), draws unchanged.
     """
     shape = _check_shape(shape)
     if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
@@ -58,7 +61,7 @@ def make_case(
         rotation, flips = np.eye(3), _parse_orientation(orientation)
     grid = _Grid(shape, _grid_affine(rotation, scan.spacing, scan.centre, shape))
     scene = _Scene(grid, body.cavity)
-    _paint_anatomy(scene, body, rng)
+    _paint_anatomy(scene, body, rng, organ_scale)
     _add_noise(scene.image, np.random.default_rng(noise_seq), sigma=rng.uniform(10.0, 20.0))
     image = np.clip(np.rint(scene.image, out=scene.image), -1024, 3071).astype(np.int16)
     label = scene.label
@@ -72,6 +75,38 @@ def make_case(
     return np.ascontiguousarray(image), np.ascontiguousarray(label), affine
 
 
+@dataclass(frozen=True)
+class FamilySpec:
+    """How the cases of one family are drawn: grid, voxel size, organ size, orientations.
+
+    None leaves the choice to each case's seed (`make_case`'s defaults).
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float] | None = None
+    organ_scale: float = 1.0
+    lps_every: int = 0  # every n-th case (index n-1, 2n-1, ...) forced LPS; 0: never
+
+
+FAMILIES: dict[Family, FamilySpec] = {
+    # The project's quick phantoms: the whole body at 96x96x64, the organ 0.5-2 % of the body.
+    "demo": FamilySpec(shape=DEFAULT_SHAPE),
+    # Closer to a real archive (issue 13): a 154 x 154 x 160 mm field at 0.8 x 0.8 x 2.0 mm, the
+    # organ's radii x 0.45 so it is 0.3-0.45 % of the voxels, duodenum, vessels and gassy bowel
+    # against it, every third case LPS (the others as the seed draws: RAS, flipped or turned).
+    "hard": FamilySpec(shape=(192, 192, 80), spacing=(0.8, 0.8, 2.0), organ_scale=0.45, lps_every=3),
+}
+
+
+def family_case(family: Family, seed: int, index: int,
+                shape: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Case `index` of a `family` archive written with `seed` (`shape` overrides the family's grid)."""
+    spec = FAMILIES[family]
+    lps = spec.lps_every and (index + 1) % spec.lps_every == 0
+    return make_case(case_seed(seed, index), shape or spec.shape, spec.spacing, "LPS" if lps else None,
+                     spec.organ_scale)
+
+
 def case_seed(seed: int, index: int) -> int:
     """The phantom seed of case `index` in an archive generated with `seed`."""
     sequence = np.random.SeedSequence([_check_seed(seed), _check_seed(index)])
@@ -79,21 +114,23 @@ def case_seed(seed: int, index: int) -> int:
 
 
 def write_archive(
-    out_uri: str, cases: int, seed: int = 0, shape: tuple[int, int, int] = DEFAULT_SHAPE
+    out_uri: str, cases: int, seed: int = 0, shape: tuple[int, int, int] | None = None, family: Family = DEFAULT_FAMILY
 ) -> list[dict]:
-    """Write `cases` phantoms under `out_uri` in MSD layout; the case dicts written.
+    """Write `cases` phantoms of a family under `out_uri` in MSD layout; the case dicts written.
 
     `imagesTr/case_XXXX.nii.gz` (int16 HU), `labelsTr/case_XXXX.nii.gz` (uint8) and
-    `dataset.json`. Case i is `make_case(case_seed(seed, i), shape)`, so an archive's first
+    `dataset.json`. Case i is `family_case(family, seed, i, shape)`, so an archive's first
     cases do not depend on how many are written.
     """
     if cases < 1:
         raise ValueError(f"cases must be at least 1, got {cases}")
-    shape = _check_shape(shape)
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    shape = _check_shape(shape or FAMILIES[family].shape)
     written = []
     for index in range(cases):
         case_id = f"case_{index:04d}"
-        image, label, affine = make_case(case_seed(seed, index), shape)
+        image, label, affine = family_case(family, seed, index, shape)
         image_uri = storage.join(out_uri, "imagesTr", f"{case_id}.nii.gz")
         label_uri = storage.join(out_uri, "labelsTr", f"{case_id}.nii.gz")
         volumes.write_nifti(image_uri, image, affine)
@@ -119,6 +156,7 @@ def write_archive(
         ],
         "test": [],
         "seed": seed,
+        "family": family,
         "shape": list(shape),
     }
     storage.write_json(storage.join(out_uri, "dataset.json"), dataset)
@@ -439,7 +477,7 @@ class _Tissue:
         )
 
 
-def _paint_anatomy(scene: _Scene, body: _Body, rng: np.random.Generator) -> None:
+def _paint_anatomy(scene: _Scene, body: _Body, rng: np.random.Generator, organ_scale: float = 1.0) -> None:
     """Paint one patient. Every structure draws its numbers before it looks at the grid, so
     the draws, and hence the anatomy, are the same whatever part of it the grid shows."""
     u = rng.uniform
@@ -501,7 +539,7 @@ def _paint_anatomy(scene: _Scene, body: _Body, rng: np.random.Generator) -> None
     samples = 48
     centre_line, tangent = _bezier(control, samples)
     t = np.linspace(0, 1, samples)
-    knots = u(0.9, 1.1) * np.array([u(16, 21), u(9, 12.5), u(11, 15), u(9, 12.5)])
+    knots = organ_scale * u(0.9, 1.1) * np.array([u(16, 21), u(9, 12.5), u(11, 15), u(9, 12.5)])
     lobules = 1 + 0.08 * np.sin(2 * np.pi * (u(2, 4) * t + u(0, 1)))
     radius = np.interp(t, [0, 0.22, 0.5, 1], knots) * lobules  # head, neck, body, tail
     halo = u(2, 5)

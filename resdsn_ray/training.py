@@ -8,7 +8,8 @@ this module only distributes them, so both stay testable without Ray.
   dies is restarted from the newest (`max_failures`), and a run started again with the same
   OUTPUT and recipe resumes from it at the same iteration, optimiser state and LR.
 - Validation segments held-out cases with the engine itself (`engine.CoarseToFine`), so the
-  DSC it reports is the one inference would get.
+  DSC it reports is the one inference would get. The log lines show the share of organ voxels
+  in the sampled patches ("fg 3.1%"): a stage that sees almost no organ learns background.
 
 Output layout under OUTPUT (local folder or s3://):
   run.json           settings, recipe, cases used and skipped, provenance, status, final figures
@@ -19,6 +20,7 @@ Output layout under OUTPUT (local folder or s3://):
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import tempfile
@@ -64,34 +66,50 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
-def validate(module: torch.nn.Module, config: TrainConfig, cases: list[ValidationCase], device: torch.device) -> list[float]:
-    """DSC of each held-out case, segmented by the engine with this stage alone.
+def validate(module: torch.nn.Module, config: TrainConfig, cases: list[ValidationCase],
+             device: torch.device) -> tuple[list[float], int]:
+    """DSC of each held-out case, segmented by the engine with this stage alone, and the
+    foreground voxels predicted over all of them (0: the model has collapsed to background).
 
     Coarse: the engine in `coarse` mode over the whole volume. Fine: the ground-truth box plus
     `val_margin` stands in for the coarse box (the engine's c2f crop with an oracle coarse
     stage), then the engine's fine stage and post-processing on that crop (outside the box both
     masks are empty, so the crop's DSC is the volume's).
+
+    The engine sets its model's mode and memory layout in place, so it gets a copy: the model
+    being trained (and DDP's gradient buckets, laid out for its parameters) stays as it was.
     """
-    bundle = Bundle(model=module, model_config=config.model, stage=config.stage, preprocess=config.preprocess)
+    bundle = Bundle(model=copy.deepcopy(module), model_config=config.model, stage=config.stage, preprocess=config.preprocess)
     window = WindowConfig(n=config.val_n)
     if config.stage == "coarse":
         engine = CoarseToFine(bundle, None, EngineConfig(mode="coarse", coarse=window, device=str(device)))
     else:
         engine = CoarseToFine(None, bundle, EngineConfig(mode="fine", fine=window, device=str(device)))
     scores: list[float] = []
-    try:
-        for case in cases:
-            if config.stage == "coarse":
-                scores.append(dice(engine.segment(case.image).mask, case.label))
-                continue
+    predicted = 0
+    for case in cases:
+        if config.stage == "coarse":
+            mask, label = engine.segment(case.image).mask, case.label
+        else:
             box = bounding_box(case.label, config.val_margin)
             assert box is not None  # validation labels are never empty (load_validation_cases)
             crop = preprocess(case.image.array, config.preprocess, case.case_id)[box.slices]
-            mask, _, _ = engine.run_stage("fine", crop)
-            scores.append(dice(finish_mask(mask, engine.config.post_ratio)[0], case.label[box.slices]))
-    finally:
-        module.train()
-    return scores
+            mask = finish_mask(engine.run_stage("fine", crop)[0], engine.config.post_ratio)[0]
+            label = case.label[box.slices]
+        scores.append(dice(mask, label))
+        predicted += int(np.count_nonzero(mask))
+    return scores, predicted
+
+
+def unfit_reason(val_dsc: float | None, predicted: int | None, cases: int) -> str | None:
+    """Why the last validation shows a collapsed model (None: it does not, or there was none)."""
+    if val_dsc is None or predicted is None:
+        return None
+    if predicted == 0:
+        return f"predicts no foreground on the {cases} validation case(s) (validation DSC {val_dsc:.4f})"
+    if val_dsc <= 0.0:
+        return f"validation DSC 0.0 over {cases} case(s): its foreground misses the organ"
+    return None
 
 
 # ------------------------------------------------------------------- the per-worker loop
@@ -168,8 +186,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start = int(state["iteration"]) if state is not None else 0
     history: list[dict[str, float]] = list(state["history"]) if state is not None else []
     val_dsc: float | None = state.get("val_dsc") if state is not None else None
+    val_foreground: int | None = state.get("val_foreground") if state is not None else None
     rng = np.random.default_rng([config.seed, rank, start])
-    sampler = PatchSampler(cases, config.stage, config.model.patch, rng)
+    sampler = PatchSampler(cases, config.stage, config.model.patch, rng, config.foreground_share)
     local = split_batch(config.batch_size, world, rank)
     scale = local * world / config.batch_size
     if log:
@@ -183,44 +202,49 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for iteration in range(start, config.iterations):
         lr = poly_lr(config.lr, iteration, config.iterations, config.lr_power)
         images, labels = sampler.batch(local)
-        loss = train_step(model, optimizer, torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device).long(), lr, config.model.aux_weights, scale)
+        loss = train_step(model, optimizer, torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device).long(), lr,
+                          config.model.aux_weights, scale, config.loss)
         window_loss += loss
         window_count += 1
         done = iteration + 1
         last = done == config.iterations
         if done % config.log_every == 0 or last:
-            total, count = _all_sum([float(window_loss), window_count], device)
+            total, count, organ, voxels = _all_sum([float(window_loss), window_count, *sampler.take_foreground_share()], device)
             loss_value = total / count
             rate = window_count / max(time.perf_counter() - window_start, 1e-9)
-            history.append({"iteration": done, "loss": loss_value, "lr": lr})
+            history.append({"iteration": done, "loss": loss_value, "lr": lr, "fg": organ / voxels})
             if log:
-                say(f"[train] {config.stage} it {done}/{config.iterations} loss {loss_value:.4f} lr {lr:.6f} {rate:.2f} it/s {rate * config.batch_size:.1f} samples/s")
+                say(f"[train] {config.stage} it {done}/{config.iterations} loss {loss_value:.4f} fg {100 * organ / voxels:.1f}% "
+                    f"lr {lr:.6f} {rate:.2f} it/s {rate * config.batch_size:.1f} samples/s")
             window_loss.zero_()
             window_count, window_start = 0, time.perf_counter()
         paused = time.perf_counter()
         if has_val and (done % config.validate_every == 0 or last):
-            scores = validate(module, config, val, device)
-            total, count = _all_sum([sum(scores), len(scores)], device)
+            scores, predicted = validate(module, config, val, device)
+            total, count, predicted_all = _all_sum([sum(scores), len(scores), predicted], device)
             val_dsc = total / count if count else None
+            val_foreground = int(predicted_all) if count else None
             if log and val_dsc is not None:
-                say(f"[train] {config.stage} it {done}: validation mean DSC {val_dsc:.4f} over {int(count)} case(s)")
+                say(f"[train] {config.stage} it {done}: validation mean DSC {val_dsc:.4f} over {int(count)} case(s), "
+                    f"{val_foreground} foreground voxels predicted")
         if done % config.checkpoint_every == 0 or last:
             metrics = {
                 "iteration": done,
                 "loss": loss_value,
                 "lr": lr,
                 "val_dsc": val_dsc,
+                "val_foreground": val_foreground,
                 "start_iteration": start,
                 "checksums": _all_gather(parameter_checksum(model)),
                 "skipped": skipped_all,
                 "cases": len(usable),
             }
-            _report(metrics, rank, module, optimizer, done, history, val_dsc, skipped_all, config)
+            _report(metrics, rank, module, optimizer, done, history, skipped_all, config)
         window_start += time.perf_counter() - paused  # its/s counts training steps only
 
 
 def _report(metrics: dict[str, Any], rank: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
-            history: list[dict[str, float]], val_dsc: float | None, skipped: list[dict[str, str]], config: TrainConfig) -> None:
+            history: list[dict[str, float]], skipped: list[dict[str, str]], config: TrainConfig) -> None:
     """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
     import ray.train
 
@@ -233,7 +257,8 @@ def _report(metrics: dict[str, Any], rank: int, module: torch.nn.Module, optimiz
             "model": module.state_dict(),
             "optimizer": optimizer.state_dict(),
             "history": history,
-            "val_dsc": val_dsc,
+            "val_dsc": metrics["val_dsc"],
+            "val_foreground": metrics["val_foreground"],
             "skipped": skipped,
             "config": to_dict(config),
         }
@@ -258,6 +283,7 @@ class TrainResult:
     skipped: list[dict[str, str]]
     metrics: dict[str, Any]
     history: list[dict[str, float]]
+    unfit: str | None = None  # why the bundle is marked unfit (a collapsed model); None: fit or not checked
 
 
 def training_cases(data: str | None, cases_uri: str | None) -> tuple[list[Case], list[dict[str, str]]]:
@@ -344,7 +370,9 @@ def train(
 
     if config.batch_size < workers:
         raise InputError("--workers", f"{workers} workers cannot share a global batch of {config.batch_size}")
-    output = str(output).rstrip("/")
+    # Ray's workers run in other folders: relative paths would name other places there.
+    output = storage.absolute(output)
+    data, cases_uri, val_data = (storage.absolute(u) if u else u for u in (data, cases_uri, val_data))
     cases, rejected = training_cases(data, cases_uri)
     for item in rejected:
         say(f"[train] skipping case {item['case_id']}: {item['reason']}")
@@ -419,6 +447,11 @@ def train(
     history = list(state["history"])
     final_loss = float(history[-1]["loss"]) if history else float("nan")
     iterations, val_dsc = int(state["iteration"]), state.get("val_dsc")
+    unfit = unfit_reason(val_dsc, state.get("val_foreground"), len(held))
+    if not held:
+        say("[train] fitness not checked: no validation cases (--val-cases or --val-data would show a collapse)")
+    elif unfit:
+        say(f"[train] UNFIT: {unfit}; the bundle is written but marked unfit (fit: false)")
     bundle_provenance = {
         "preset": config.preset,
         "data": data,
@@ -433,10 +466,11 @@ def train(
         **record["provenance"],
     }
     bundle_uri = storage.join(output, BUNDLE_DIR)
-    bundle_id = save_bundle(bundle_uri, model, config.model, config.stage, config.preprocess, bundle_provenance)
+    bundle_id = save_bundle(bundle_uri, model, config.model, config.stage, config.preprocess, bundle_provenance, unfit)
     record.update(status="done", finished_at=utc_iso(), iterations=iterations, final_loss=final_loss, val_dsc=val_dsc,
-                  skipped=state["skipped"], bundle=bundle_uri, bundle_id=bundle_id, history=history)
+                  skipped=state["skipped"], bundle=bundle_uri, bundle_id=bundle_id, history=history, fit=unfit is None,
+                  **({"unfit": unfit} if unfit else {}))
     storage.write_json(record_uri, record)
     say(f"[train] wrote bundle {bundle_id} to {bundle_uri} (final loss {final_loss:.4f}, validation DSC {val_dsc})")
     return TrainResult(output, bundle_uri, bundle_id, iterations, final_loss, val_dsc, state["skipped"],
-                       dict(result.metrics or {}), history)
+                       dict(result.metrics or {}), history, unfit)

@@ -120,6 +120,11 @@ def build_output(output: Path) -> Path:
             "run_id": run_id, "status": "finished", "engine": {"mode": "coarse" if run_id == RUN_C else "c2f"},
             "input": f"{output}/archive <all>", "started_at": (T0 + timedelta(days=day)).isoformat(),
         })
-    (output / "cv.json").write_text(json.dumps({"cv_id": "cv7", "folds": 2, "note": "</pre><script>x()</script>"}))
+    (output / "cv.json").write_text(json.dumps({
+        "cv_id": "cv7", "folds": 2, "note": "</pre><script>x()</script>",
+        "fold_state": {"0": "done", "1": "failed: model bundle marked unfit"},
+        "fit": {"0": {"coarse": {"fit": True}, "fine": {"fit": True}},
+                "1": {"coarse": {"fit": False, "unfit": "validation DSC 0.0 <b>"}}},
+    }))
     (output / "splits.json").write_text(json.dumps({"folds": [[10, 11, 12], [13, 14, 15]]}))
     return output

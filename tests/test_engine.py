@@ -78,6 +78,18 @@ def test_nothing_found_is_a_status_not_a_crash():
     assert result.fine_windows == 0 and result.box is None
 
 
+def test_on_no_organ_fine_runs_the_fine_model_on_the_whole_volume():
+    volume = volume_with_blob()
+    engine = CoarseToFine(bundle(Bright(1e6), "coarse"), bundle(Bright(0.0), "fine"), config(on_no_organ="fine"))
+    result = engine.segment(volume)
+    assert result.fine_fallback and result.box is None and result.status == STATUS_OK
+    np.testing.assert_array_equal(result.mask, volume.array > 0)  # on the volume's own grid
+    whole = CoarseToFine(bundle(Bright(0.0), "coarse"), bundle(Bright(0.0), "fine"), config(mode="fine"))
+    assert result.fine_windows == whole.segment(volume).fine_windows  # the whole volume, not a crop
+    found = CoarseToFine(bundle(Bright(0.0), "coarse"), bundle(Bright(0.0), "fine"), config(on_no_organ="fine"))
+    assert not found.segment(volume).fine_fallback  # the coarse stage found the organ: the paper's C2F
+
+
 def test_small_false_positives_are_dropped_before_the_box():
     volume = volume_with_blob()
     volume.array[2, 30, 2] = 200.0  # a 1-voxel speck far away would stretch the box

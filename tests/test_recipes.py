@@ -25,6 +25,7 @@ def test_poly_learning_rate_and_paper_preset():
         80_000, 16, 0.01, 0.9, 0.9, 5e-4)
     assert (paper.model.patch, paper.model.width, paper.model.aux_weights) == (64, 32, (0.2, 0.4))
     assert (paper.val_n, preset_config("paper", "fine").val_n) == (6, 12)  # the engine's windows per stage
+    assert (paper.foreground_share, paper.loss) == (0.0, "ce")  # the paper's uniform patches and Eq. 3
     jhmi = preset_config("paper", "fine", iterations=JHMI_ITERATIONS)
     assert jhmi.iterations == JHMI_ITERATIONS == 300_000 and jhmi.stage == "fine"
     optimizer = make_optimizer(build_model("resdsn", width=2), paper)
@@ -37,7 +38,10 @@ def test_demo_preset_overrides_and_refusals_by_field():
     assert (demo.model.name, demo.model.width, demo.model.patch) == ("dsn", 4, 16)
     assert (demo.lr, demo.iterations, demo.optimizer, demo.seed) == (3e-3, 800, "adam", 7)  # None: the preset's
     assert isinstance(make_optimizer(build_model("resdsn", width=2), demo), torch.optim.Adam)
+    assert (preset_config("demo", "coarse").foreground_share, demo.foreground_share) == (0.5, 0.0)
     refusals = [
+        ({"foreground_share": 1.5}, "foreground_share: must be in \\[0, 1\\]"),
+        ({"loss": "focal"}, "loss: must be one of ce, dice_ce"),
         ({"patch": 12}, "patch: must be a multiple of 8"),
         ({"iterations": 0}, "iterations: must be at least 1"),
         ({"optimizer": "rmsprop"}, "optimizer: must be one of sgd, adam"),
@@ -75,3 +79,18 @@ def test_global_batch_split_over_workers():
     assert [split_batch(16, 2, r) for r in range(2)] == [8, 8]
     with pytest.raises(ValueError):
         split_batch(2, 4, 0)
+
+
+def test_dice_ce_adds_the_soft_dice_of_each_output():
+    from resdsn_ray.model import deep_supervision_loss, soft_dice_loss
+
+    target = torch.zeros(2, 8, 8, 8, dtype=torch.long)
+    target[:, 2:4, 2:4, 2:4] = 1
+    perfect = torch.stack([1 - target, target], dim=1).float() * 40 - 20  # confident and right
+    assert soft_dice_loss(perfect, target).item() < 1e-3
+    assert soft_dice_loss(-perfect, target).item() > 0.99  # confident and wrong
+    torch.manual_seed(0)
+    outputs = tuple(torch.randn(2, 2, 8, 8, 8) for _ in range(3))
+    ce = deep_supervision_loss(outputs, target, (0.2, 0.4))
+    dice = sum(w * soft_dice_loss(o, target) for w, o in zip((1.0, 0.2, 0.4), outputs))
+    assert deep_supervision_loss(outputs, target, (0.2, 0.4), "dice_ce").item() == pytest.approx(ce.item() + dice.item(), rel=1e-5)

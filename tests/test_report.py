@@ -155,6 +155,11 @@ def test_report_page_contents(output: Path, page_file: Path) -> None:
     assert "gzip" not in text  # case 5's error is history: it recovered in run B
     assert "<script" not in text and "&lt;/pre&gt;&lt;script&gt;" in text
     assert text.count("<details>") == len(set(frame.run_id)) + 2  # run records (or their absence), cv.json, splits.json
+    # a cross-validation's folds with each model's fitness (a collapsed training is unfit), escaped
+    folds = next(t for t in page.tables if t[0] == ["fold", "state", "coarse model", "fine model"])
+    assert folds[1:] == [["0", "done", "fit", "fit"],
+                         ["1", "failed: model bundle marked unfit", "UNFIT: validation DSC 0.0 <b>", "not trained"]]
+    assert "UNFIT: validation DSC 0.0 &lt;b&gt;" in text
 
 
 def test_report_without_labels_or_with_only_errors(tmp_path: Path) -> None:

@@ -66,6 +66,30 @@ def test_coarse_patches_cover_the_whole_volume_including_pure_background():
     assert covered.all()
 
 
+def test_coarse_foreground_share_centres_that_share_of_patches_on_the_organ():
+    case = _prepared("coarse")
+    organ_voxels = {tuple(v) for v in np.argwhere(case.label)}
+    half = 8
+
+    def centred_on_organ(sampler: PatchSampler) -> float:
+        origins = [sampler.origin(case) for _ in range(600)]
+        return np.mean([(x + half, y + half, z + half) in organ_voxels for x, y, z in origins])
+
+    # Uniform corners hit an organ voxel at the patch centre about as often as the organ's volume share.
+    uniform = centred_on_organ(PatchSampler([case], "coarse", 16, np.random.default_rng(4)))
+    assert uniform < 0.1
+    # share 1: every patch centred on an organ voxel (the organ lies away from the border here).
+    assert centred_on_organ(PatchSampler([case], "coarse", 16, np.random.default_rng(4), foreground_share=1.0)) == 1.0
+    assert 0.35 < centred_on_organ(PatchSampler([case], "coarse", 16, np.random.default_rng(4), foreground_share=0.5)) < 0.65
+    # The sampler counts the organ voxels it hands out, for the training log.
+    sampler = PatchSampler([case], "coarse", 16, np.random.default_rng(5), foreground_share=1.0)
+    _, labels = sampler.batch(6)
+    assert sampler.take_foreground_share() == (int(labels.sum()), labels.size)
+    assert sampler.take_foreground_share() == (0, 0)
+    with pytest.raises(ValueError, match="foreground_share"):
+        PatchSampler([case], "coarse", 16, np.random.default_rng(0), foreground_share=1.5)
+
+
 def test_batches_are_cut_from_the_volume():
     # Some cube symmetry of each patch is a P^3 window of the preprocessed volume.
     case = _prepared("coarse")

@@ -18,7 +18,7 @@ from resdsn_ray.config import EngineConfig, ModelConfig, WindowConfig
 from resdsn_ray.engine import CoarseToFine
 from resdsn_ray.errors import InputError
 from resdsn_ray.model import build_model
-from resdsn_ray.stages import WholeCase, finish_case, read_case
+from resdsn_ray.stages import CoarseStage, FineStage, WholeCase, finish_case, read_case
 from resdsn_ray.synthetic import write_archive
 
 ENGINE = EngineConfig(coarse=WindowConfig(n=1), fine=WindowConfig(n=1), device="cpu")
@@ -54,6 +54,28 @@ def test_read_whole_finish_give_the_engines_mask_on_the_input_grid(tmp_path: Pat
     assert np.array_equal(np.asarray(written.dataobj), expected)
     assert volumes.read_description(str(tmp_path / "m.nii.gz")) == runs.mask_stamp("cfg", "r1", 1)
     assert out["dsc"] is not None and out["device"] == "cpu"
+
+
+def test_on_no_organ_fine_in_split_pools_gives_the_engines_fallback_mask(tmp_path: Path, bundles: dict[str, str]):
+    """A coarse model that finds nothing (all weights 0: every score is exactly 0.5, not above):
+    with --on-no-organ fine the fine pool segments the whole volume, as the engine does."""
+    blank = build_model("resdsn", width=4)
+    for parameter in blank.parameters():
+        parameter.data.zero_()
+    save_bundle(str(tmp_path / "blank"), blank, ModelConfig(width=4, patch=16), "coarse")
+    write_archive(str(tmp_path / "a"), cases=1, seed=4, shape=(40, 36, 24))
+    image, label = tmp_path / "a/imagesTr/case_0000.nii.gz", tmp_path / "a/labelsTr/case_0000.nii.gz"
+    engine = EngineConfig(coarse=WindowConfig(n=1), fine=WindowConfig(n=1), device="cpu", on_no_organ="fine")
+    coarse, fine = load_bundle(str(tmp_path / "blank")), load_bundle(bundles["fine"])
+    row = read_case(case_row(str(image), str(label), str(tmp_path / "m.nii.gz")), coarse.preprocess, fine.preprocess)
+    row = FineStage(bundles["fine"], engine)(CoarseStage(str(tmp_path / "blank"), engine)(row))
+    out = finish_case(row, engine.post_ratio)
+    expected = CoarseToFine(coarse, fine, engine).segment(volumes.read_volume(str(image)))
+    assert expected.fine_fallback and out["fine_fallback"] and out["coarse_bbox"] is None
+    assert out["fine_windows"] == expected.fine_windows and out["status"] == expected.status
+    assert np.array_equal(volumes.read_volume(str(tmp_path / "m.nii.gz")).array, expected.mask)
+    paper = CoarseToFine(coarse, fine, ENGINE).segment(volumes.read_volume(str(image)))
+    assert paper.status == "no_organ" and not paper.fine_fallback
 
 
 def test_a_case_over_its_memory_budget_is_refused_from_its_header(tmp_path: Path):

@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage
 
 from resdsn_ray import storage
-from resdsn_ray.synthetic import case_seed, make_case, write_archive
+from resdsn_ray.synthetic import case_seed, family_case, make_case, write_archive
 from resdsn_ray.volumes import read_volume
 
 SEEDS = range(10)
@@ -223,3 +223,29 @@ def test_write_archive_to_s3(s3_bucket):
 def test_write_archive_needs_a_case(tmp_path):
     with pytest.raises(ValueError):
         write_archive(str(tmp_path), cases=0)
+
+
+def test_hard_family_is_anisotropic_with_a_small_organ_and_lps_cases(tmp_path):
+    """`resdsn synth --family hard`: 192x192x80 at 0.8 x 0.8 x 2.0 mm, the organ 0.3-0.5 % of the
+    voxels, every third case LPS, gas in the bowel; the files hold what `family_case` draws."""
+    from resdsn_ray.cli import main
+
+    out = str(tmp_path / "hard")
+    assert main(["synth", out, "--cases", "3", "--seed", "5", "--family", "hard"]) == 0
+    dataset = json.loads(storage.read_bytes(os.path.join(out, "dataset.json")))
+    assert dataset["family"] == "hard" and dataset["shape"] == [192, 192, 80]
+    codes = []
+    for index in range(3):
+        image = read_volume(os.path.join(out, "imagesTr", f"case_{index:04d}.nii.gz"))
+        label = read_volume(os.path.join(out, "labelsTr", f"case_{index:04d}.nii.gz"))
+        expected_image, expected_label, expected_affine = family_case("hard", 5, index)
+        np.testing.assert_array_equal(label.array, expected_label)
+        np.testing.assert_array_equal(image.array, expected_image)
+        np.testing.assert_allclose(image.affine, expected_affine, atol=1e-4)
+        assert image.shape == (192, 192, 80)
+        np.testing.assert_allclose(image.spacing, (0.8, 0.8, 2.0), atol=1e-4)
+        assert 0.002 < expected_label.mean() <= 0.005
+        assert cc3d.connected_components(expected_label).max() == 1
+        assert (expected_image[_body(expected_image)] < -500).any()  # bowel gas inside the body
+        codes.append(_axis_code(expected_affine))
+    assert codes[2] == "LPS"

@@ -45,15 +45,19 @@ def _archive(root: str, cases: int = 6, seed: int = 0) -> str:
 
 def test_validation_segments_held_out_cases_with_the_engine():
     """The demo bundles reach their known held-out DSC through `validate` (coarse: the engine's
-    coarse mode; fine: its fine stage on the ground-truth box + margin)."""
+    coarse mode; fine: its fine stage on the ground-truth box + margin), and the model being
+    trained is left as it was (the engine sets mode and memory layout in place: it gets a copy)."""
     image, label, affine = make_case(101)  # the demo shape, which the demo bundles were trained on
     case = ValidationCase("case101", Volume(image.astype(np.float32), affine, "case101"), (label > 0).astype(np.uint8))
     dsc = {}
     for stage in ("coarse", "fine"):
         bundle = load_bundle(demo_bundle_uri(stage))
+        bundle.model.train()
+        strides = [p.stride() for p in bundle.model.parameters()]
         config = preset_config("demo", stage, val_n=1, width=bundle.model_config.width, patch=bundle.model_config.patch)
-        (dsc[stage],) = validate(bundle.model, config, [case], torch.device("cpu"))
-        assert bundle.model.training  # handed back in training mode
+        (dsc[stage],), predicted = validate(bundle.model, config, [case], torch.device("cpu"))
+        assert predicted > 0
+        assert bundle.model.training and [p.stride() for p in bundle.model.parameters()] == strides
     # Measured with the former copy of the fine stage too (identical to 1e-6): 0.797 / 0.940.
     assert dsc["coarse"] == pytest.approx(0.7969, abs=1e-3) and dsc["fine"] == pytest.approx(0.9398, abs=1e-3)
 
@@ -235,6 +239,34 @@ def test_checkpoints_and_bundle_on_s3_survive_a_killed_worker(ray_cluster, quick
     assert bundle.stage == "fine" and bundle.model_config.patch == 16
     assert bundle.provenance["data"] == data
     assert json_record(output)["status"] == "done"
+
+
+@pytest.mark.ray
+def test_a_collapsed_training_is_reported_and_its_bundle_refused(ray_cluster, tmp_path: Path, capsys):
+    """A tiny coarse model trained at a learning rate far too high, on uniform patches of small
+    phantoms, collapses to background: the run says UNFIT, exits 1, and writes its bundle marked
+    unfit, which segment and the archive job refuse unless --allow-unfit."""
+    data = _archive(str(tmp_path / "data"), cases=3)
+    output = str(tmp_path / "run")
+    code = cli.main(["train", "--stage", "coarse", "--data", data, "--output", output, "--preset", "demo",
+                     "--iterations", "10", "--patch", "16", "--width", "4", "--batch-size", "4", "--lr", "0.5",
+                     "--foreground-share", "0", "--val-cases", "1", "--validate-every", "10", "--workers", "1"])
+    captured = capsys.readouterr()
+    assert code == 1 and "[train] UNFIT: " in captured.out and "unfit" in captured.err
+    bundle = f"{output}/bundle"
+    config = storage.read_json(f"{bundle}/config.json")
+    assert config["fit"] is False and config["unfit"]
+    assert json_record(output)["fit"] is False and json_record(output)["unfit"] == config["unfit"]
+    with pytest.raises(InputError, match="unfit") as refused:
+        load_bundle(bundle)
+    assert refused.value.source == bundle
+    image = f"{data}/imagesTr/case_0000.nii.gz"
+    mask = str(tmp_path / "mask.nii.gz")
+    segment = ["segment", image, "--out", mask, "--coarse", bundle, "--mode", "coarse", "--n-coarse", "0"]
+    assert cli.main(segment) == 2 and "unfit" in capsys.readouterr().err and not os.path.exists(mask)
+    archive = ["archive", "--input", data, "--output", str(tmp_path / "out"), "--coarse", bundle, "--mode", "coarse"]
+    assert cli.main(archive) == 2 and f"{bundle}: model bundle marked unfit" in capsys.readouterr().err
+    assert cli.main([*segment, "--allow-unfit"]) == 0 and os.path.exists(mask)
 
 
 @pytest.mark.ray
