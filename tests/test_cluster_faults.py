@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import boto3
@@ -14,14 +15,14 @@ import pytest
 import s3fs
 import torch
 from fault_proxy import FaultProxy
-from process_faults import Killer, pid_of_client
+from process_faults import Killer, kill_session, pid_of_client
 from ray_cluster import ray_cluster_fixture, ray_driver_fixture  # noqa: F401  (session fixtures)
 
 from resdsn_ray import storage
 from resdsn_ray.bundle import save_bundle
-from resdsn_ray.config import FINISHED, ArchiveJob, EngineConfig, ModelConfig, WindowConfig
+from resdsn_ray.config import FINISHED, ArchiveJob, EngineConfig, ModelConfig, Resources, WindowConfig
 from resdsn_ray.model import build_model
-from resdsn_ray.pipeline import PROCESS_RETRIES, run_archive
+from resdsn_ray.pipeline import ATTEMPTS_PER_CASE, run_archive
 from resdsn_ray.synthetic import write_archive
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
@@ -81,20 +82,21 @@ def test_a_case_whose_reader_is_killed_every_time_is_one_retryable_error_row(ray
             kills = killer.stop()
         s3fs.S3FileSystem.clear_instance_cache()
     rows = one_final_row_per_case(result.rows)
-    assert len(kills) == PROCESS_RETRIES + 1, kills  # the first attempt and each bounded retry
+    assert len(kills) == ATTEMPTS_PER_CASE, kills  # every attempt of the bounded retries, and no more
     poison = rows.pop("poison")
     assert poison["status"] == "error" and poison["retryable"] is True and poison["mask_uri"] is None
-    assert "died on every retry" in poison["error"], poison["error"]
+    assert f"died on each of its {ATTEMPTS_PER_CASE} attempts" in poison["error"], poison["error"]
     for row in rows.values():
         assert row["status"] in FINISHED, row["error"]
         assert storage.exists(row["mask_uri"])
 
 
-def _actor_processes(dashboard: str) -> list[int]:
+def _actor_processes(dashboard: str, node_id: str | None = None) -> list[int]:
+    """PIDs of the live model actors (Ray Data map workers), on `node_id` only if given."""
     from ray.util.state import list_actors
 
     return [a["pid"] for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
-            if "MapWorker" in (a.get("class_name") or "")]
+            if "MapWorker" in (a.get("class_name") or "") and node_id in (None, a.get("node_id"))]
 
 
 def _busy(pid: int, probe_s: float = 0.3) -> bool:
@@ -129,6 +131,41 @@ def test_a_model_actor_killed_mid_case_is_restarted_and_every_case_finishes_once
     assert len(kills) == 1, "no model actor was caught computing a case"
     rows = one_final_row_per_case(result.rows)
     assert sorted(rows) == [f"case_{i:04d}" for i in range(CASES)]
+    for row in rows.values():
+        assert row["status"] in FINISHED, row["error"]
+        assert storage.exists(row["mask_uri"])
+
+
+def test_a_worker_node_lost_mid_run_loses_no_case(ray_driver, bucket, bundles):
+    """Two 2-CPU nodes join; the model actor asks 1.5 CPUs, so only they can host it. The one whose
+    actor is computing a case is killed whole (raylet, agents, workers), as a lost spot node: the
+    run finishes every case exactly once on the nodes left."""
+    import ray
+
+    leaders = {name: ray_driver.add_node(name, cpus=2) for name in ("node_c", "node_d")}
+    ids = {name: next(n["NodeID"] for n in ray.nodes() if n["Alive"] and name in n["Resources"]) for name in leaders}
+    archive = f"{bucket}/node-loss"
+    write_archive(archive, cases=CASES + 1, seed=7, shape=SHAPE)
+    killed: list[str] = []
+
+    def node_computing() -> int | None:
+        for name, node_id in ids.items():
+            if any(_busy(pid) for pid in _actor_processes(ray_driver.dashboard, node_id)):
+                killed.append(name)
+                return leaders[name]
+        return None
+
+    one_actor = Resources(coarse_actors=1, cpus_per_actor=1.5)
+    killer = Killer(node_computing, limit=1, act=kill_session)
+    killer.start()
+    try:
+        result = run_archive(replace(job(archive, f"{bucket}/out-node-loss", bundles), resources=one_actor))
+    finally:
+        kills = killer.stop()
+    assert len(kills) == 1, "no node's model actor was caught computing a case"
+    assert not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == ids[killed[0]])
+    rows = one_final_row_per_case(result.rows)
+    assert sorted(rows) == [f"case_{i:04d}" for i in range(CASES + 1)]
     for row in rows.values():
         assert row["status"] in FINISHED, row["error"]
         assert storage.exists(row["mask_uri"])
