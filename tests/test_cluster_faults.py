@@ -5,6 +5,7 @@ cases, and the lost case as one retryable error row: bounded, never hanging."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 from dataclasses import replace
@@ -101,8 +102,6 @@ def _actor_processes(dashboard: str, node_id: str | None = None) -> list[int]:
 
 def _busy(pid: int, probe_s: float = 0.3) -> bool:
     """Whether process `pid` is computing: it used over half a CPU during `probe_s`."""
-    import time
-
     def cpu() -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
@@ -136,6 +135,15 @@ def test_a_model_actor_killed_mid_case_is_restarted_and_every_case_finishes_once
         assert storage.exists(row["mask_uri"])
 
 
+def _wait_dead(node_ids: set[str], wait_s: float = 120.0) -> None:
+    import ray
+
+    end = time.monotonic() + wait_s
+    while any(n["Alive"] for n in ray.nodes() if n["NodeID"] in node_ids):
+        assert time.monotonic() < end, "Ray still counts a killed node alive"
+        time.sleep(1)
+
+
 def test_a_worker_node_lost_mid_run_loses_no_case(ray_driver, bucket, bundles):
     """Two 2-CPU nodes join; the model actor asks 1.5 CPUs, so only they can host it. The one whose
     actor is computing a case is killed whole (raylet, agents, workers), as a lost spot node: the
@@ -162,8 +170,10 @@ def test_a_worker_node_lost_mid_run_loses_no_case(ray_driver, bucket, bundles):
         result = run_archive(replace(job(archive, f"{bucket}/out-node-loss", bundles), resources=one_actor))
     finally:
         kills = killer.stop()
+        for leader in leaders.values():  # the session cluster goes back to its two nodes
+            kill_session(leader)
+        _wait_dead(set(ids.values()))
     assert len(kills) == 1, "no node's model actor was caught computing a case"
-    assert not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == ids[killed[0]])
     rows = one_final_row_per_case(result.rows)
     assert sorted(rows) == [f"case_{i:04d}" for i in range(CASES + 1)]
     for row in rows.values():
