@@ -52,7 +52,7 @@ from ray.exceptions import GetTimeoutError
 from resdsn_ray import lease, runs, storage
 from resdsn_ray.archive import Case, is_manifest, scan
 from resdsn_ray.bundle import load_bundle
-from resdsn_ray.cluster import connect, fit_cpus, node_cpus, node_memory, runtime_env
+from resdsn_ray.cluster import HostWatch, connect, fit_cpus, node_cpus, node_memory, runtime_env
 from resdsn_ray.config import (
     STATUS_ERROR,
     STATUS_SKIPPED,
@@ -235,11 +235,14 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
     for row in immediate:
         writer.add(row)
     progress = _Progress(len(todo), job.progress_s, say)
+    watch: HostWatch | None = None
     try:
         if todo:
             job = replace(job, resources=_connect_and_resolve(job))
             record["resources"] = to_dict(job.resources)
             preprocess = {"coarse": coarse.preprocess if coarse else None, "fine": fine.preprocess if fine else None}
+            res = job.resources
+            watch = HostWatch(res.cpus_per_actor, res.gpus_per_actor, res.actor_start_timeout_s).start()
             pending = todo
             for again in range(LOST_CASE_PASSES + 1):
                 if again:
@@ -259,7 +262,7 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
                 writer.add(lost)
                 progress.update(lost)
     except BaseException as err:  # any failure, Ctrl-C or SIGTERM: keep what is done, say why the run ended
-        failure = _start_failure(job) if isinstance(err, GetTimeoutError) else err
+        failure = watch.failure if watch and watch.failure else _start_failure(job) if isinstance(err, GetTimeoutError) else err
         if held is None or not held.lost:  # a run that lost its lease to another writes nothing more
             writer.flush()
             record.update(status="failed", error=_reason(failure), ended_at=utc_iso(),
@@ -268,6 +271,9 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
         if failure is err:
             raise
         raise failure from err
+    finally:
+        if watch is not None:
+            watch.stop()
     writer.flush()
     progress.report(final=True)
 

@@ -22,6 +22,7 @@ from ray_cluster import ray_cluster_fixture, ray_driver_fixture  # noqa: F401  (
 from resdsn_ray import storage
 from resdsn_ray.bundle import save_bundle
 from resdsn_ray.config import FINISHED, ArchiveJob, EngineConfig, ModelConfig, Resources, WindowConfig
+from resdsn_ray.errors import InputError
 from resdsn_ray.model import build_model
 from resdsn_ray.pipeline import ATTEMPTS_PER_CASE, run_archive
 from resdsn_ray.synthetic import write_archive
@@ -158,24 +159,38 @@ def test_a_worker_node_lost_mid_run_loses_no_case(ray_driver, bucket, bundles):
 
     def node_computing() -> int | None:
         for name, node_id in ids.items():
+            if name in killed:
+                continue
             if any(_busy(pid) for pid in _actor_processes(ray_driver.dashboard, node_id)):
                 killed.append(name)
                 return leaders[name]
         return None
 
-    one_actor = Resources(coarse_actors=1, cpus_per_actor=1.5)
-    killer = Killer(node_computing, limit=1, act=kill_session)
-    killer.start()
+    one_actor = Resources(coarse_actors=1, cpus_per_actor=1.5, actor_start_timeout_s=20)
     try:
-        result = run_archive(replace(job(archive, f"{bucket}/out-node-loss", bundles), resources=one_actor))
+        killer = Killer(node_computing, limit=1, act=kill_session)
+        killer.start()
+        try:
+            result = run_archive(replace(job(archive, f"{bucket}/out-node-loss", bundles), resources=one_actor))
+        finally:
+            kills = killer.stop()
+        assert len(kills) == 1, "no node's model actor was caught computing a case"
+        rows = one_final_row_per_case(result.rows)
+        assert sorted(rows) == [f"case_{i:04d}" for i in range(CASES + 1)]
+        for row in rows.values():
+            assert row["status"] in FINISHED, row["error"]
+            assert storage.exists(row["mask_uri"])
+
+        # The last node able to host the actor is lost too: the run fails within --actor-timeout, saying so.
+        killer = Killer(node_computing, limit=1, act=kill_session)
+        killer.start()
+        try:
+            with pytest.raises(InputError, match=r"--actor-timeout: no (node of the cluster can host|model actor started)"):
+                run_archive(replace(job(archive, f"{bucket}/out-all-lost", bundles), resources=one_actor))
+        finally:
+            killer.stop()
+        assert sorted(killed) == sorted(leaders)
     finally:
-        kills = killer.stop()
         for leader in leaders.values():  # the session cluster goes back to its two nodes
             kill_session(leader)
         _wait_dead(set(ids.values()))
-    assert len(kills) == 1, "no node's model actor was caught computing a case"
-    rows = one_final_row_per_case(result.rows)
-    assert sorted(rows) == [f"case_{i:04d}" for i in range(CASES + 1)]
-    for row in rows.values():
-        assert row["status"] in FINISHED, row["error"]
-        assert storage.exists(row["mask_uri"])
