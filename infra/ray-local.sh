@@ -84,10 +84,15 @@ ENV
 }
 
 join() {  # join ADDRESS ROLE RESOURCE: a worker node, its session's leader in $state/ROLE.pid
-  PATH="$bin:$PATH" setsid "$bin/ray" start --address "$1" --node-ip-address 127.0.0.1 \
-      --resources "{\"$3\": 1}" $(node_ports) "${common[@]}" >"$state/$2.log" 2>&1 </dev/null &
-  echo $! >"$state/$2.pid"
-  wait_started "$state/$2.log" "$(cat "$state/$2.pid")"
+  local try
+  for try in 1 2; do  # a raylet that registers after Ray's fixed 30 s aborts (a loaded machine): once more
+    PATH="$bin:$PATH" setsid "$bin/ray" start --address "$1" --node-ip-address 127.0.0.1 \
+        --resources "{\"$3\": 1}" $(node_ports) "${common[@]}" >"$state/$2.log" 2>&1 </dev/null &
+    echo $! >"$state/$2.pid"
+    wait_started "$state/$2.log" "$(cat "$state/$2.pid")" && return 0
+    end_sessions "$(cat "$state/$2.pid")"
+  done
+  return 1
 }
 
 add_node() {
@@ -95,8 +100,7 @@ add_node() {
   [[ -f $state/env ]] || { echo "no cluster in $state; start one first" >&2; exit 1; }
   [[ -f $state/$name.pid ]] && { echo "node $name already added" >&2; exit 1; }
   join "$(sed -n 's/^export RAY_GCS_ADDRESS=//p' "$state/env")" "$name" "$name" && return 0
-  end_sessions "$(cat "$state/$name.pid")"  # only the node that failed: the cluster lives on
-  rm -f "$state/$name.pid"
+  rm -f "$state/$name.pid"  # only the node that failed: the cluster lives on
   exit 1
 }
 
