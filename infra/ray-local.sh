@@ -7,6 +7,7 @@
 # machine.
 #
 #   infra/ray-local.sh start [STATE_DIR]   # prints the exports to use (also in STATE_DIR/env)
+#   infra/ray-local.sh add-node STATE_DIR NAME   # one more worker node, with the resource NAME
 #   infra/ray-local.sh stop  [STATE_DIR]
 #
 # Settings (environment): RAY_LOCAL_CPUS (per node, default 1), RAY_LOCAL_OBJECT_STORE_MB
@@ -16,7 +17,7 @@
 set -euo pipefail
 export RAY_AUTH_MODE=token  # the cluster's default; every client and joining node needs it set
 
-cmd=${1:?usage: $0 start|stop [STATE_DIR]}
+cmd=${1:?usage: $0 start|add-node|stop [STATE_DIR] [NAME]}
 state=${2:-/tmp/resdsn-ray-$(id -u)}  # keep it short: Ray's socket paths must fit in 107 bytes
 repo=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$repo/.venv/bin/python}
@@ -24,6 +25,8 @@ bin=$(dirname "$python")
 cpus=${RAY_LOCAL_CPUS:-1}
 store=$(( ${RAY_LOCAL_OBJECT_STORE_MB:-256} * 1024 * 1024 ))
 memory=$(( ${RAY_LOCAL_MEMORY_MB:-2048} * 1024 * 1024 ))
+common=(--num-cpus "$cpus" --object-store-memory "$store" --memory "$memory" --temp-dir "$state/tmp"
+        --disable-usage-stats --block)  # the flags of every node
 
 free_ports() {  # N free TCP ports on 127.0.0.1
   "$python" - "$1" <<'PY'
@@ -51,8 +54,7 @@ wait_started() {  # `ray start --block` logs this line once its node has joined 
   done
   echo "Ray node did not start; see $1 and $state/tmp/session_latest/logs" >&2
   tail -n 20 "$1" >&2
-  stop
-  exit 1
+  return 1
 }
 
 start() {
@@ -65,25 +67,41 @@ start() {
   fi
   local gcs dash client
   read -r gcs dash client <<<"$(free_ports 3)"
-  local common=(--num-cpus "$cpus" --object-store-memory "$store" --memory "$memory" --temp-dir "$state/tmp"
-                --disable-usage-stats --block)
   # setsid: each node's processes (whatever their process group) share a session, which `stop` ends.
   PATH="$bin:$PATH" setsid "$bin/ray" start --head --node-ip-address 127.0.0.1 --port "$gcs" \
       --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$dash" --ray-client-server-port "$client" \
       --resources '{"head_node": 1}' $(node_ports) "${common[@]}" >"$state/head.log" 2>&1 </dev/null &
   echo $! >"$state/head.pid"
-  wait_started "$state/head.log" "$(cat "$state/head.pid")"
+  wait_started "$state/head.log" "$(cat "$state/head.pid")" || { stop; exit 1; }
   local address=127.0.0.1:$gcs
-  PATH="$bin:$PATH" setsid "$bin/ray" start --address "$address" --node-ip-address 127.0.0.1 \
-      --resources '{"node_b": 1}' $(node_ports) "${common[@]}" >"$state/worker.log" 2>&1 </dev/null &
-  echo $! >"$state/worker.pid"
-  wait_started "$state/worker.log" "$(cat "$state/worker.pid")"
+  join "$address" worker node_b || { stop; exit 1; }
   cat >"$state/env" <<ENV
 export RAY_ADDRESS=http://127.0.0.1:$dash
 export RAY_GCS_ADDRESS=$address
 export RAY_AUTH_MODE=token
 ENV
   cat "$state/env"
+}
+
+join() {  # join ADDRESS ROLE RESOURCE: a worker node, its session's leader in $state/ROLE.pid
+  local try
+  for try in 1 2; do  # a raylet that registers after Ray's fixed 30 s aborts (a loaded machine): once more
+    PATH="$bin:$PATH" setsid "$bin/ray" start --address "$1" --node-ip-address 127.0.0.1 \
+        --resources "{\"$3\": 1}" $(node_ports) "${common[@]}" >"$state/$2.log" 2>&1 </dev/null &
+    echo $! >"$state/$2.pid"
+    wait_started "$state/$2.log" "$(cat "$state/$2.pid")" && return 0
+    end_sessions "$(cat "$state/$2.pid")"
+  done
+  return 1
+}
+
+add_node() {
+  local name=${1:?usage: $0 add-node STATE_DIR NAME}
+  [[ -f $state/env ]] || { echo "no cluster in $state; start one first" >&2; exit 1; }
+  [[ -f $state/$name.pid ]] && { echo "node $name already added" >&2; exit 1; }
+  join "$(sed -n 's/^export RAY_GCS_ADDRESS=//p' "$state/env")" "$name" "$name" && return 0
+  rm -f "$state/$name.pid"  # only the node that failed: the cluster lives on
+  exit 1
 }
 
 ours() {  # live PIDs of the given sessions and of the sessions their processes started (job drivers)
@@ -96,30 +114,33 @@ ours() {  # live PIDs of the given sessions and of the sessions their processes 
     }'
 }
 
+end_sessions() {  # SIGTERM the given sessions' processes, then SIGKILL what is left after 3 s
+  local pids
+  pids=$(ours "$@")
+  [[ -n $pids ]] && kill -TERM $pids 2>/dev/null || true
+  for _ in $(seq 12); do
+    [[ -z $(ours "$@") ]] && break
+    sleep 0.25
+  done
+  pids=$(ours "$@")
+  [[ -n $pids ]] && kill -KILL $pids 2>/dev/null || true
+}
+
 stop() {
   # Each `ray start` above ran under setsid, so every process of its node (raylet, GCS, workers,
   # each in its own process group) is in the session it leads; job drivers start their own
   # sessions from a worker. Only those are signalled: other Ray clusters on the machine live on.
-  local role sessions=()
-  for role in worker head; do
-    [[ -f $state/$role.pid ]] && sessions+=("$(cat "$state/$role.pid")")
+  local file sessions=()
+  for file in "$state"/*.pid; do
+    [[ -f $file ]] && sessions+=("$(cat "$file")")
   done
-  if [[ ${#sessions[@]} -gt 0 ]]; then
-    local pids
-    pids=$(ours "${sessions[@]}")
-    [[ -n $pids ]] && kill -TERM $pids 2>/dev/null || true
-    for _ in $(seq 12); do  # a short grace period, then whatever is left is killed
-      [[ -z $(ours "${sessions[@]}") ]] && break
-      sleep 0.25
-    done
-    pids=$(ours "${sessions[@]}")
-    [[ -n $pids ]] && kill -KILL $pids 2>/dev/null || true
-  fi
-  rm -f "$state/head.pid" "$state/worker.pid" "$state/env"
+  [[ ${#sessions[@]} -gt 0 ]] && end_sessions "${sessions[@]}"
+  rm -f "$state"/*.pid "$state/env"
 }
 
 case $cmd in
   start) start ;;
+  add-node) add_node "${3:-}" ;;
   stop) stop ;;
-  *) echo "usage: $0 start|stop [STATE_DIR]" >&2; exit 2 ;;
+  *) echo "usage: $0 start|add-node|stop [STATE_DIR] [NAME]" >&2; exit 2 ;;
 esac

@@ -37,13 +37,30 @@ def pid_of_client(port: int) -> int | None:
     return None
 
 
-class Killer(threading.Thread):
-    """SIGKILLs whatever process `find` names, every time it names one, until stopped: `kills`
-    lists the PIDs killed. Bounded: at most `limit` kills, and it stops after `lifetime_s`."""
+def kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
 
-    def __init__(self, find: Callable[[], int | None], limit: int = 10, lifetime_s: float = 600.0) -> None:
+
+def kill_session(leader: int) -> None:
+    """SIGKILL every process of the session `leader` leads: a whole local Ray node (its raylet,
+    agents and workers), as when its machine is lost."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if os.getsid(int(proc.name)) == leader:
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+
+
+class Killer(threading.Thread):
+    """Kills (`act`, default SIGKILL) whatever process `find` names, every time it names one, until
+    stopped: `kills` lists the PIDs killed. Bounded: at most `limit` kills, stopped after `lifetime_s`."""
+
+    def __init__(self, find: Callable[[], int | None], limit: int = 10, lifetime_s: float = 600.0,
+                 act: Callable[[int], None] = kill) -> None:
         super().__init__(daemon=True, name="killer")
-        self.find, self.limit, self.lifetime_s = find, limit, lifetime_s
+        self.find, self.limit, self.lifetime_s, self.act = find, limit, lifetime_s, act
         self.kills: list[int] = []
         self._stop_event = threading.Event()
 
@@ -53,7 +70,7 @@ class Killer(threading.Thread):
             pid = self.find()
             if pid is not None and pid not in self.kills:
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    self.act(pid)
                 except ProcessLookupError:
                     continue
                 self.kills.append(pid)

@@ -36,10 +36,17 @@ class Cluster:
         """Environment for `ray job ...` clients of this cluster."""
         return {**os.environ, "RAY_ADDRESS": self.dashboard, "RAY_AUTH_MODE": "token"}
 
+    def add_node(self, name: str, cpus: int = 1) -> int:
+        """Join one more worker node (with the resource `name`); the session its processes share."""
+        done = subprocess.run([str(SCRIPT), "add-node", str(self.state), name], env=_script_env() | {"RAY_LOCAL_CPUS": str(cpus)},
+                              capture_output=True, text=True, timeout=420, check=False)
+        if done.returncode != 0:
+            pytest.fail(f"infra/ray-local.sh add-node {name} failed:\n{done.stdout}\n{done.stderr}")
+        return int((self.state / f"{name}.pid").read_text())
+
     def sessions(self) -> list[int]:
-        """The sessions (setsid) of the head and worker `ray start`: all of their processes."""
-        return [int((self.state / f"{role}.pid").read_text()) for role in ("head", "worker")
-                if (self.state / f"{role}.pid").exists()]
+        """The sessions (setsid) of every node's `ray start` (head, worker, added): all their processes."""
+        return [int(path.read_text()) for path in sorted(self.state.glob("*.pid"))]
 
 
 _cluster: Cluster | None = None
@@ -48,8 +55,14 @@ _cluster: Cluster | None = None
 START_ATTEMPTS = 3  # a raylet aborts when its dashboard agent starts late, or registers after Ray's fixed 30 s (load 10-18 on 2 cores)
 
 
+def _script_env() -> dict[str, str]:
+    """infra/ray-local.sh's settings for every node of the test cluster."""
+    return {**os.environ, "PYTHON": sys.executable, "RAY_LOCAL_CPUS": "1", "RAY_LOCAL_OBJECT_STORE_MB": "200",
+            "RAY_LOCAL_MEMORY_MB": "3072"}
+
+
 def _start() -> Cluster:
-    env = {**os.environ, "PYTHON": sys.executable, "RAY_LOCAL_CPUS": "1", "RAY_LOCAL_OBJECT_STORE_MB": "200", "RAY_LOCAL_MEMORY_MB": "3072"}
+    env = _script_env()
     for attempt in range(1, START_ATTEMPTS + 1):
         state = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))  # short: Ray's socket paths are limited
         done = subprocess.run([str(SCRIPT), "start", str(state)], env=env, capture_output=True, text=True, timeout=420,

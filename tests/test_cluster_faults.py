@@ -5,8 +5,10 @@ cases, and the lost case as one retryable error row: bounded, never hanging."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import boto3
@@ -14,14 +16,15 @@ import pytest
 import s3fs
 import torch
 from fault_proxy import FaultProxy
-from process_faults import Killer, pid_of_client
+from process_faults import Killer, kill_session, pid_of_client
 from ray_cluster import ray_cluster_fixture, ray_driver_fixture  # noqa: F401  (session fixtures)
 
 from resdsn_ray import storage
 from resdsn_ray.bundle import save_bundle
-from resdsn_ray.config import FINISHED, ArchiveJob, EngineConfig, ModelConfig, WindowConfig
+from resdsn_ray.config import FINISHED, ArchiveJob, EngineConfig, ModelConfig, Resources, WindowConfig
+from resdsn_ray.errors import InputError
 from resdsn_ray.model import build_model
-from resdsn_ray.pipeline import PROCESS_RETRIES, run_archive
+from resdsn_ray.pipeline import ATTEMPTS_PER_CASE, run_archive
 from resdsn_ray.synthetic import write_archive
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
@@ -81,26 +84,25 @@ def test_a_case_whose_reader_is_killed_every_time_is_one_retryable_error_row(ray
             kills = killer.stop()
         s3fs.S3FileSystem.clear_instance_cache()
     rows = one_final_row_per_case(result.rows)
-    assert len(kills) == PROCESS_RETRIES + 1, kills  # the first attempt and each bounded retry
+    assert len(kills) == ATTEMPTS_PER_CASE, kills  # every attempt of the bounded retries, and no more
     poison = rows.pop("poison")
     assert poison["status"] == "error" and poison["retryable"] is True and poison["mask_uri"] is None
-    assert "died on every retry" in poison["error"], poison["error"]
+    assert f"died on each of its {ATTEMPTS_PER_CASE} attempts" in poison["error"], poison["error"]
     for row in rows.values():
         assert row["status"] in FINISHED, row["error"]
         assert storage.exists(row["mask_uri"])
 
 
-def _actor_processes(dashboard: str) -> list[int]:
+def _actor_processes(dashboard: str, node_id: str | None = None) -> list[int]:
+    """PIDs of the live model actors (Ray Data map workers), on `node_id` only if given."""
     from ray.util.state import list_actors
 
     return [a["pid"] for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
-            if "MapWorker" in (a.get("class_name") or "")]
+            if "MapWorker" in (a.get("class_name") or "") and node_id in (None, a.get("node_id"))]
 
 
 def _busy(pid: int, probe_s: float = 0.3) -> bool:
     """Whether process `pid` is computing: it used over half a CPU during `probe_s`."""
-    import time
-
     def cpu() -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
@@ -132,3 +134,63 @@ def test_a_model_actor_killed_mid_case_is_restarted_and_every_case_finishes_once
     for row in rows.values():
         assert row["status"] in FINISHED, row["error"]
         assert storage.exists(row["mask_uri"])
+
+
+def _wait_dead(node_ids: set[str], wait_s: float = 120.0) -> None:
+    import ray
+
+    end = time.monotonic() + wait_s
+    while any(n["Alive"] for n in ray.nodes() if n["NodeID"] in node_ids):
+        assert time.monotonic() < end, "Ray still counts a killed node alive"
+        time.sleep(1)
+
+
+def test_a_worker_node_lost_mid_run_loses_no_case(ray_driver, bucket, bundles):
+    """Two 2-CPU nodes join; the model actor asks 1.5 CPUs, so only they can host it. The one whose
+    actor is computing a case is killed whole (raylet, agents, workers), as a lost spot node: the
+    run finishes every case exactly once on the nodes left."""
+    import ray
+
+    leaders = {name: ray_driver.add_node(name, cpus=2) for name in ("node_c", "node_d")}
+    ids = {name: next(n["NodeID"] for n in ray.nodes() if n["Alive"] and name in n["Resources"]) for name in leaders}
+    archive = f"{bucket}/node-loss"
+    write_archive(archive, cases=CASES + 1, seed=7, shape=SHAPE)
+    killed: list[str] = []
+
+    def node_computing() -> int | None:
+        for name, node_id in ids.items():
+            if name in killed:
+                continue
+            if any(_busy(pid) for pid in _actor_processes(ray_driver.dashboard, node_id)):
+                killed.append(name)
+                return leaders[name]
+        return None
+
+    one_actor = Resources(coarse_actors=1, cpus_per_actor=1.5, actor_start_timeout_s=20)
+    try:
+        killer = Killer(node_computing, limit=1, act=kill_session)
+        killer.start()
+        try:
+            result = run_archive(replace(job(archive, f"{bucket}/out-node-loss", bundles), resources=one_actor))
+        finally:
+            kills = killer.stop()
+        assert len(kills) == 1, "no node's model actor was caught computing a case"
+        rows = one_final_row_per_case(result.rows)
+        assert sorted(rows) == [f"case_{i:04d}" for i in range(CASES + 1)]
+        for row in rows.values():
+            assert row["status"] in FINISHED, row["error"]
+            assert storage.exists(row["mask_uri"])
+
+        # The last node able to host the actor is lost too: the run fails within --actor-timeout, saying so.
+        killer = Killer(node_computing, limit=1, act=kill_session)
+        killer.start()
+        try:
+            with pytest.raises(InputError, match=r"--actor-timeout: no (node of the cluster can host|model actor started)"):
+                run_archive(replace(job(archive, f"{bucket}/out-all-lost", bundles), resources=one_actor))
+        finally:
+            killer.stop()
+        assert sorted(killed) == sorted(leaders)
+    finally:
+        for leader in leaders.values():  # the session cluster goes back to its two nodes
+            kill_session(leader)
+        _wait_dead(set(ids.values()))
