@@ -56,3 +56,20 @@ def test_missing_and_mismatched_bundles_are_input_errors(tmp_path):
     (tmp_path / "b" / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(InputError, match="does not match"):
         load_bundle(str(tmp_path / "b"))
+
+
+def test_a_bundle_marked_unfit_is_refused_unless_allowed(tmp_path):
+    model = build_model("resdsn", width=4)
+    save_bundle(str(tmp_path / "unfit"), model, ModelConfig(width=4, patch=16), "coarse", unfit="validation DSC 0.0")
+    config = json.loads((tmp_path / "unfit" / CONFIG_FILE).read_text())
+    assert config["fit"] is False and config["unfit"] == "validation DSC 0.0"
+    with pytest.raises(InputError, match="marked unfit by its training: validation DSC 0.0") as refused:
+        load_bundle(str(tmp_path / "unfit"))
+    assert refused.value.source == str(tmp_path / "unfit")
+    assert load_bundle(str(tmp_path / "unfit"), allow_unfit=True).unfit == "validation DSC 0.0"
+    # Fit, and bundles from before the mark (no "fit" key), load as before.
+    small_bundle(tmp_path / "fit")
+    assert json.loads((tmp_path / "fit" / CONFIG_FILE).read_text())["fit"] is True
+    del config["fit"], config["unfit"]
+    (tmp_path / "unfit" / CONFIG_FILE).write_text(json.dumps(config))
+    assert load_bundle(str(tmp_path / "fit")).unfit is None and load_bundle(str(tmp_path / "unfit")).unfit is None

@@ -170,6 +170,8 @@ def test_two_fold_cv_killed_once_resumes_and_fills_every_fold_and_mode(ray_clust
     record = json.loads((output / "cv.json").read_text())
     assert record["invocations"] == 2 and record["status"] == "finished"
     assert record["fold_state"] == {"0": "done", "1": "done"}
+    # Trained without validation cases: fitness is unchecked, so fit (a collapse would say unfit).
+    assert record["fit"] == {str(k): {stage: {"fit": True} for stage in config.STAGES} for k in (0, 1)}
     folds = json.loads(splits)["splits"]
     rows = runs.read_rows(str(output)).to_pylist()
     assert all(r["run_id"].startswith(record["cv_id"]) for r in rows)
