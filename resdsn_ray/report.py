@@ -7,13 +7,8 @@ mode and per fold, QA overlays of the worst, median and best cases (paper Figure
 per-case table, the errors with their reasons and the provenance (run records, `cv.json`,
 `splits.json`).
 
-Overlays show the axial slice (fixed k, the volume's third voxel axis) with the largest
-ground-truth area. Voxel arrays are in nibabel's (i, j, k) order with RAS+ affines, so the slice
-is turned for the screen from its affine, not from the array order: the in-plane axis nearer
-world x (left-right) runs along screen columns and the other along rows, and every screen
-axis runs towards the negative RAS direction. For an axial slice that is the radiological
-convention: the patient's right on the left of the screen, anterior at the top (a coronal or
-sagittal k gets superior at the top). Pixels are scaled to the voxel spacing.
+Overlays show the axial slice (fixed k) with the largest ground-truth area, drawn and turned for
+the screen by `pictures` (radiological convention, pixels scaled to the voxel spacing).
 """
 
 from __future__ import annotations
@@ -21,7 +16,6 @@ from __future__ import annotations
 import html
 import io
 import json
-import math
 import os
 import posixpath
 from collections.abc import Sequence
@@ -29,59 +23,19 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import matplotlib.image
-import nibabel as nib
 import numpy as np
 from matplotlib.figure import Figure
 
 from resdsn_ray import config, query, runs, storage
 from resdsn_ray.errors import InputError
+from resdsn_ray.pictures import WINDOW_HU, overlay, png
 from resdsn_ray.volumes import read_volume
 
-WINDOW_HU = (-160.0, 240.0)  # abdominal soft-tissue window for the grey CT
-ALPHA = 0.5  # weight of the overlay colour over the CT
-GROUND_TRUTH, PREDICTION, OVERLAP = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (1.0, 1.0, 0.0)  # red, green, yellow
-MIN_SIDE_PX = 256  # small phantoms are enlarged by whole pixels per voxel up to this
 PROVENANCE_FILES = ("cv.json", "splits.json")  # written by resdsn_ray.cv at the output root
 
 
 def default_html(output_uri: str) -> str:
     return storage.join(output_uri, "report", "index.html")
-
-
-def overlay(image: np.ndarray, label: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, int]:
-    """The RGB picture (rows, columns, 3; floats in [0, 1]) of the k slice with the largest
-    ground-truth area, and that k: CT in grey, ground truth red, prediction green, both yellow."""
-    k = int(np.argmax(np.count_nonzero(label, axis=(0, 1))))
-    low, high = WINDOW_HU
-    grey = np.clip((image[:, :, k].astype(np.float64) - low) / (high - low), 0.0, 1.0)
-    rgb = np.repeat(grey[:, :, None], 3, axis=2)
-    truth, pred = label[:, :, k] > 0, mask[:, :, k] > 0
-    for region, colour in ((truth & ~pred, GROUND_TRUTH), (pred & ~truth, PREDICTION), (truth & pred, OVERLAP)):
-        rgb[region] = (1 - ALPHA) * rgb[region] + ALPHA * np.asarray(colour)
-    return for_screen(rgb, affine), k
-
-
-def for_screen(slice_ij: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """An (i, j, ...) slice turned and flipped for display (see the module docstring), scaled to
-    the voxel spacing by whole pixels."""
-    ornt = nib.orientations.io_orientation(affine)  # per voxel axis: (world axis, +1/-1)
-    rows_axis, cols_axis = (0, 1) if ornt[0, 0] > ornt[1, 0] else (1, 0)
-    picture = np.moveaxis(slice_ij, (rows_axis, cols_axis), (0, 1))
-    for screen_axis, voxel_axis in enumerate((rows_axis, cols_axis)):
-        if ornt[voxel_axis, 1] > 0:
-            picture = np.flip(picture, screen_axis)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)[[rows_axis, cols_axis]]
-    scale = max(1, math.ceil(MIN_SIDE_PX / min(picture.shape[:2])))
-    for screen_axis, size in enumerate(spacing):
-        picture = np.repeat(picture, max(1, round(scale * size / spacing.min())), axis=screen_axis)
-    return picture
-
-
-def png(picture: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    matplotlib.image.imsave(buffer, np.ascontiguousarray(picture), format="png")
-    return buffer.getvalue()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import pytest
 from metrics_output import OUT_OF_MEMORY, SHAPE, Spec, build_output, prediction, write_run
 from scipy import ndimage
 
-from resdsn_ray import config, query, report
+from resdsn_ray import config, pictures, query, report
 from resdsn_ray.cli import main
 from resdsn_ray.synthetic import make_case
 from resdsn_ray.volumes import read_volume
@@ -90,7 +90,7 @@ def colour_shares(picture: np.ndarray) -> dict[str, float]:
 def test_overlay_colours_slice_and_orientation() -> None:
     image, label, affine = make_case(7, SHAPE, orientation="RAS")
     mask = prediction(label, (2, 1, 1))  # grown: more green than red, so swapped colours show
-    picture, k = report.overlay(image, label, mask, affine)
+    picture, k = pictures.overlay(image, label, mask, affine)
     assert k == np.bincount(np.nonzero(label)[2], minlength=SHAPE[2]).argmax()
     truth, pred = label[:, :, k] > 0, mask[:, :, k] > 0
     expected = {"red": np.mean(truth & ~pred), "green": np.mean(pred & ~truth), "yellow": np.mean(truth & pred)}
@@ -98,8 +98,8 @@ def test_overlay_colours_slice_and_orientation() -> None:
     assert colour_shares(picture) == pytest.approx(expected, abs=1e-12)
     # RAS voxels: i runs to the patient's right, j anterior. Screen: right on the left, anterior up.
     rows, cols = picture.shape[0] // SHAPE[1], picture.shape[1] // SHAPE[0]
-    assert picture.shape[:2] == (SHAPE[1] * rows, SHAPE[0] * cols) and min(picture.shape[:2]) >= report.MIN_SIDE_PX
-    low, high = report.WINDOW_HU
+    assert picture.shape[:2] == (SHAPE[1] * rows, SHAPE[0] * cols) and min(picture.shape[:2]) >= pictures.MIN_SIDE_PX
+    low, high = pictures.WINDOW_HU
     grey = np.clip((image[:, :, k] - low) / (high - low), 0, 1)[::-1, ::-1].T
     plain = ~(truth | pred)[::-1, ::-1].T
     shown = picture[::rows, ::cols]
@@ -109,12 +109,12 @@ def test_overlay_colours_slice_and_orientation() -> None:
 @pytest.mark.parametrize("orientation", ["LPS", "LAS", "RPI"])
 def test_overlay_is_the_same_picture_in_any_orientation(orientation: str) -> None:
     """The same patient stored with flipped axes draws the same picture (masks made in world space)."""
-    pictures = []
+    drawn = []
     for code in ("RAS", orientation):
         image, label, affine = make_case(11, SHAPE, orientation=code)
         mask = ndimage.binary_dilation(label).astype(np.uint8)  # symmetric, so the same in any axis order
-        pictures.append(report.overlay(image, label, mask, affine)[0])
-    assert np.array_equal(*pictures)
+        drawn.append(pictures.overlay(image, label, mask, affine)[0])
+    assert np.array_equal(*drawn)
 
 
 def test_report_page_contents(output: Path, page_file: Path) -> None:
