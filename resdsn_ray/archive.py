@@ -181,7 +181,8 @@ def _source(case: Case) -> str:
     return f"{case.image_uri} (series {case.series_uid})" if case.series_uid else case.image_uri
 
 
-def _is_nifti(name: str) -> bool:
+def is_nifti(name: str) -> bool:
+    """Whether `name` is a NIfTI file by its suffix (else: a DICOM series or file)."""
     return name.lower().endswith(NIFTI_SUFFIXES)
 
 
@@ -245,7 +246,7 @@ def _drop_hidden(tree: _Tree, files: dict[str, dict[str, Any]]) -> None:
             hidden_folders["/".join(parts[: folder + 1])] += 1
         elif name.startswith("._"):
             tree.skipped.append(Skipped(tree.uri_of(rel), "macOS AppleDouble metadata file"))
-        elif _is_nifti(name):
+        elif is_nifti(name):
             tree.cases.append(Case(case_id_from_name(name), tree.uri_of(rel),
                                    error="hidden file (its name starts with '.'): rename it to process it"))
         else:
@@ -278,7 +279,7 @@ def _scan_msd(tree: _Tree) -> None:
     for images in MSD_IMAGES:
         labels_dir = MSD_LABELS[images]
         labels = {case_id_from_name(rel[len(labels_dir) + 1:]): rel for rel in tree.files
-                  if rel.startswith(labels_dir + "/") and rel.count("/") == 1 and _is_nifti(rel)}
+                  if rel.startswith(labels_dir + "/") and rel.count("/") == 1 and is_nifti(rel)}
         below = {rel[len(images) + 1:]: info for rel, info in tree.files.items() if rel.startswith(images + "/")}
         used |= {f"{images}/{rel}" for rel in below}
         used |= set(_scan_images(tree, images, below, labels))
@@ -291,7 +292,7 @@ def _scan_images(tree: _Tree, prefix: str, files: dict[str, dict[str, Any]], lab
     def full(rel: str) -> str:
         return f"{prefix}/{rel}" if prefix else rel
 
-    niftis = sorted(rel for rel in files if _is_nifti(rel))
+    niftis = sorted(rel for rel in files if is_nifti(rel))
     nnunet = _nnunet_names([rel for rel in niftis if "/" not in rel], labels) if prefix else {}
     channels: dict[str, list[str]] = defaultdict(list)  # nnU-Net case -> its channel files
     for rel in niftis:
@@ -308,7 +309,7 @@ def _scan_images(tree: _Tree, prefix: str, files: dict[str, dict[str, Any]], lab
         elif len(rels) > 1:  # only nnU-Net naming groups files: case_0000, case_0001, ...
             error = f"{len(rels)} channels ({', '.join(posixpath.basename(r) for r in rels)}); a CT case has one"
         tree.cases.append(Case(case_id, tree.uri_of(full(rels[0])), tree.uri_of(label) if label else None, error))
-    dicom = {rel: info for rel, info in files.items() if not _is_nifti(rel)}
+    dicom = {rel: info for rel, info in files.items() if not is_nifti(rel)}
     for case in _dicom_cases(tree, prefix, dicom):
         label = labels.get(case.case_id)
         if label:

@@ -28,12 +28,14 @@ from resdsn_ray.config import (
     ArchiveJob,
     CVJob,
     EngineConfig,
+    OutputConfig,
     Resources,
     TrainConfig,
     choices,
 )
 from resdsn_ray.errors import InputError
 from resdsn_ray.flags import option, settings
+from resdsn_ray.mask_stats import STAT_KEYS
 from resdsn_ray.query import FORMATS, SUMMARY_BY
 
 DEMO_DIR = "demo-output"
@@ -69,6 +71,17 @@ def add_engine_flags(parser: argparse.ArgumentParser, windows_default: str | Non
            help="NDHWC memory layout for the convolutions; auto: where it is faster")
     option(parser, "--device", EngineConfig, "device", help="auto, cpu, cuda, cuda:1, ...")
     option(parser, "--accumulate-on", EngineConfig, "accumulate_on", help="where stitched scores live")
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """What is written per case besides the NIfTI mask (`segment` and `archive`): `OutputConfig`."""
+    option(parser, "--output-format", OutputConfig, "format",
+           help="nifti: the NIfTI mask; dicom-seg / both: a DICOM SEG too, for DICOM inputs (the NIfTI mask is always "
+                "written: the job's record)")
+    option(parser, "--save-probabilities", OutputConfig, "probabilities",
+           help="the foreground probability map on the input grid: uint8 (scale 1/255) or float32 NIfTI")
+    option(parser, "--preview", OutputConfig, "preview",
+           help="a PNG of three orthogonal slices through the mask's centre, the mask over the CT")
 
 
 def add_bundle_flags(parser: argparse.ArgumentParser) -> None:
@@ -116,11 +129,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from resdsn_ray.bundle import load_bundle
+    from resdsn_ray.case_files import algorithm_version, sibling_uris, write_case_files
     from resdsn_ray.engine import CoarseToFine
     from resdsn_ray.metrics import case_metrics
-    from resdsn_ray.volumes import check_same_grid, read_volume, write_mask
+    from resdsn_ray.runs import asked_files
+    from resdsn_ray.volumes import check_same_grid, read_volume
 
     config = settings(args, EngineConfig())
+    outputs = settings(args, OutputConfig())
     coarse = load_bundle(bundle_uri(args.coarse, "coarse", args.demo_models), allow_unfit=args.allow_unfit) \
         if config.mode != "fine" else None
     fine = load_bundle(bundle_uri(args.fine, "fine", args.demo_models), allow_unfit=args.allow_unfit) \
@@ -131,13 +147,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
     reference = read_volume(args.label) if args.label else None
     if reference is not None:
         check_same_grid(reference, volume.shape, volume.affine)  # before any work: a bad label is refused up front
-    result = CoarseToFine(coarse, fine, config).segment(volume)
+    result = CoarseToFine(coarse, fine, config).segment(volume, probabilities=outputs.probabilities != "none")
     start = time.perf_counter()
-    write_mask(args.out, result.mask, like=volume)
+    uris = sibling_uris(args.out, asked_files(outputs, volume.meta.get("format") == "dicom"))
+    files = write_case_files(uris, result.mask, volume, outputs, result.probabilities,
+                             version=algorithm_version(coarse.id if coarse else None, fine.id if fine else None),
+                             title=args.image)
     t_write = time.perf_counter() - start
     report = {
         "image": args.image,
         "mask": args.out,
+        **{column: uri for column, uri in files.items() if column.endswith("_uri") and column != "mask_uri"},
+        "note": files["note"],
         "status": result.status,
         "demo_models": bool(args.demo_models and not (args.coarse and args.fine)),
         "shape": list(volume.shape),
@@ -149,6 +170,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "t_read_s": t_read,
         **{f"t_{stage}_s": seconds for stage, seconds in result.timings.items()},
         "t_write_s": t_write,
+        **{key: files[key] for key in STAT_KEYS},
     }
     if reference is not None:
         report.update(case_metrics(result.mask > 0, reference.array > 0, volume.spacing))
@@ -181,7 +203,8 @@ def cmd_archive(args: argparse.Namespace) -> int:
         raise InputError("--output", "required with --input")
     job = settings(args, ArchiveJob(input=source, output=output, coarse=coarse, fine=fine, engine=engine,
                                     resources=settings(args, Resources())))
-    job = replace(job, demo_models=used_demo, allow_prefixes=tuple(args.allow_uri_prefix or ()) or None)
+    job = replace(job, demo_models=used_demo, allow_prefixes=tuple(args.allow_uri_prefix or ()) or None,
+                  outputs=settings(args, OutputConfig()))
     result = run_archive(job, say=lambda line: print(line, flush=True))
     current = latest(this_runs_cases(runs.read_rows(output), result.rows, engine.mode))
     print(f"\nmasks: {runs.masks_uri(output, engine.mode)}\nrows:  {runs.metrics_uri(output, result.run_id)}\n"
@@ -444,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--json", action="store_true", help="print the case's row as one JSON object")
     add_bundle_flags(segment)
     add_engine_flags(segment)
+    add_output_flags(segment)
     segment.set_defaults(run=cmd_segment)
 
     archive = commands.add_parser("archive", help="the archive job: segment a whole archive with Ray Data; "
@@ -451,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bundle_flags(archive)
     add_engine_flags(archive, windows_default="; the demo's with no --input")
     add_archive_flags(archive)
+    add_output_flags(archive)
     archive.set_defaults(run=cmd_archive)
 
     train = commands.add_parser("train", help="train a coarse or fine ResDSN with Ray Train (DDP)")

@@ -44,6 +44,9 @@ Status = Literal["ok", "no_organ", "error", "skipped"]
 STATUS_OK, STATUS_NO_ORGAN, STATUS_ERROR, STATUS_SKIPPED = typing.get_args(Status)
 FINISHED: tuple[Status, ...] = (STATUS_OK, STATUS_NO_ORGAN)
 
+OutputFormat = Literal["nifti", "dicom-seg", "both"]
+Probabilities = Literal["none", "uint8", "float32"]
+
 MAX_WIDTH = 256  # a bundle asking for more is refused before anything is allocated
 MAX_PATCH = 512
 
@@ -241,6 +244,27 @@ class Resources(Settings):
 
 
 @dataclass(frozen=True)
+class OutputConfig(Settings):
+    """What is written per case besides its NIfTI mask (`runs.OUTPUT_FILES`); statistics
+    (`mask_stats`) are always computed, they are cheap.
+
+    `format`: `dicom-seg` / `both` add a DICOM SEG for DICOM inputs (a NIfTI input has no source
+    instances to reference: its row's `note` says so). The NIfTI mask is written in every format:
+    it is the archive job's own record (resume stamp, statistics, report).
+    `probabilities`: the fused foreground probabilities on the input grid, quantised to uint8
+    (0..255 with scale 1/255, a quarter of float32's size) or float32 (NIfTI has no float16).
+    """
+
+    format: OutputFormat = "nifti"
+    probabilities: Probabilities = "none"
+    preview: bool = False
+
+    @property
+    def seg(self) -> bool:
+        return self.format != "nifti"
+
+
+@dataclass(frozen=True)
 class ArchiveJob(Settings):
     """One archive run: what to segment, with which models and settings, and where to."""
 
@@ -250,6 +274,7 @@ class ArchiveJob(Settings):
     fine: str | None
     engine: EngineConfig = field(default_factory=EngineConfig)
     resources: Resources = field(default_factory=Resources)
+    outputs: OutputConfig = field(default_factory=OutputConfig)
     address: str | None = None  # Ray cluster; None: RAY_ADDRESS / the submitting job, else a local Ray
     allow_prefixes: tuple[str, ...] | None = None  # where a manifest may point; None: the manifest's own folder
     demo_models: bool = False  # the shipped phantom-trained bundles on a real archive: allowed, and every row says so
@@ -265,6 +290,9 @@ class ArchiveJob(Settings):
 
     def check(self) -> None:
         self.require("flush_rows", self.flush_rows >= 1, "at least 1")
+        if self.outputs.probabilities != "none" and self.resources.shape == "split":
+            raise InputError("outputs.probabilities", "needs the whole shape (--shape whole): the split shape's "
+                                                      "pools pass masks, not probabilities")
         for name in ("flush_s", "progress_s", "lease_heartbeat_s"):
             self.require(name, getattr(self, name) > 0, "positive")
 

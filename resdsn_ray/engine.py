@@ -51,6 +51,7 @@ class Segmentation:
     fine_windows: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     fine_fallback: bool = False  # the coarse stage found nothing and the fine model ran on the whole volume
+    probabilities: np.ndarray | None = None  # float32 on the volume's grid, when asked
 
 
 def prepare_inputs(
@@ -91,28 +92,34 @@ class CoarseToFine:
             if bundle is not None:  # in place: engines sharing a bundle share its layout (the last one's)
                 bundle.model.to(self.device, memory_format=self.memory_format).eval()
 
-    def segment(self, volume: Volume) -> Segmentation:
+    def segment(self, volume: Volume, probabilities: bool = False) -> Segmentation:
         start = time.perf_counter()
         coarse_cfg = self.coarse.preprocess if self.config.mode != "fine" and self.coarse else None
         fine_cfg = self.fine.preprocess if self.config.mode != "coarse" and self.fine else None
         coarse_input, fine_input = prepare_inputs(volume.array, coarse_cfg, fine_cfg)
         seconds = time.perf_counter() - start
-        result = self.segment_prepared(coarse_input, fine_input)
+        result = self.segment_prepared(coarse_input, fine_input, probabilities)
         result.timings = {"preprocess": seconds, **result.timings}
         return result
 
-    def segment_prepared(self, coarse_input: np.ndarray | None, fine_input: np.ndarray | None) -> Segmentation:
-        """`segment` on inputs already preprocessed for each stage's bundle (`prepare_inputs`)."""
+    def segment_prepared(self, coarse_input: np.ndarray | None, fine_input: np.ndarray | None,
+                         probabilities: bool = False) -> Segmentation:
+        """`segment` on inputs already preprocessed for each stage's bundle (`prepare_inputs`).
+
+        `probabilities`: also return the fused foreground probabilities on the full grid: the
+        fine stage's inside the crop box, the coarse stage's elsewhere (what made the mask there).
+        """
         timings: dict[str, float] = {}
         if self.config.mode == "fine":
             assert fine_input is not None
-            mask, windows, timings["fine"] = self.run_stage("fine", fine_input)
-            return self._finish(mask, Segmentation(mask=mask, status=STATUS_OK, fine_windows=windows), timings)
+            mask, windows, timings["fine"], probs = self._stage("fine", fine_input, probabilities)
+            result = Segmentation(mask=mask, status=STATUS_OK, fine_windows=windows, probabilities=probs)
+            return self._finish(mask, result, timings)
 
         assert coarse_input is not None
         shape = tuple(coarse_input.shape)
-        scores, coarse_windows, timings["coarse"] = self.run_stage("coarse", coarse_input)
-        result = Segmentation(mask=scores, status=STATUS_OK, coarse_windows=coarse_windows)
+        scores, coarse_windows, timings["coarse"], probs = self._stage("coarse", coarse_input, probabilities)
+        result = Segmentation(mask=scores, status=STATUS_OK, coarse_windows=coarse_windows, probabilities=probs)
         if self.config.mode == "coarse":
             return self._finish(scores, result, timings)
 
@@ -121,7 +128,8 @@ class CoarseToFine:
         box = self.locate(scores)
         timings["post"] = time.perf_counter() - start
         if box is None and self.config.on_no_organ == "fine":
-            fine_scores, result.fine_windows, timings["fine"] = self.run_stage("fine", fine_input)
+            fine_scores, result.fine_windows, timings["fine"], result.probabilities = self._stage(
+                "fine", fine_input, probabilities)
             result.fine_fallback = True
             return self._finish(fine_scores, result, timings)
         if box is None:
@@ -129,7 +137,9 @@ class CoarseToFine:
             result.status = STATUS_NO_ORGAN
             result.timings = timings
             return result
-        fine_scores, result.fine_windows, timings["fine"] = self.run_stage("fine", fine_input[box.slices])
+        fine_scores, result.fine_windows, timings["fine"], fine_probs = self._stage("fine", fine_input[box.slices], probabilities)
+        if probs is not None and fine_probs is not None:
+            probs[box.slices] = fine_probs
         result.box = box
         # DeCrop (Eq. 5): outside the box the coarse mask is empty by construction of the box.
         return self._finish(decrop(fine_scores, box, shape), result, timings)
@@ -140,6 +150,11 @@ class CoarseToFine:
         Public so that a scheduler can run the two stages in different processes (the archive
         pipeline's coarse and fine actor pools) with exactly the engine's computation.
         """
+        return self._stage(stage, image)[:3]
+
+    def _stage(self, stage: str, image: np.ndarray | torch.Tensor,
+               probabilities: bool = False) -> tuple[np.ndarray, int, float, np.ndarray | None]:
+        """`run_stage`, and the stage's float32 probabilities when asked."""
         bundle = {"coarse": self.coarse, "fine": self.fine}[stage]
         if bundle is None:
             raise ValueError(f"this engine has no {stage} bundle")
@@ -147,10 +162,12 @@ class CoarseToFine:
         window = self.config.coarse if stage == "coarse" else self.config.fine
         if self.device.type == "cuda" and isinstance(image, np.ndarray):
             upload = SlabUpload(image, self.device)
-            mask, windows = self._run(bundle, upload.tensor, window, upload.ensure)
+            scores, windows = self._run(bundle, upload.tensor, window, upload.ensure)
         else:
-            mask, windows = self._run(bundle, torch.as_tensor(image).to(self.device), window)
-        return mask, windows, self._elapsed(start)
+            scores, windows = self._run(bundle, torch.as_tensor(image).to(self.device), window)
+        mask = (scores > 0.5).cpu().numpy()
+        seconds = self._elapsed(start)
+        return mask, windows, seconds, scores.float().cpu().numpy() if probabilities else None
 
     def locate(self, coarse_mask: np.ndarray) -> Box | None:
         """The crop box of a coarse mask: small components dropped, bounding box + margin (Eq. 4)."""
@@ -164,8 +181,8 @@ class CoarseToFine:
         return result
 
     def _run(self, bundle: Bundle, image: torch.Tensor, window: WindowConfig,
-             ready: Callable[[int], None] | None = None) -> tuple[np.ndarray, int]:
-        """Sliding-window scores of one stage, thresholded to a boolean mask, and the window count."""
+             ready: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int]:
+        """Sliding-window scores (foreground probabilities) of one stage, and the window count."""
         patch = bundle.model_config.patch
         model = bundle.model
         accumulate = torch.device("cpu") if self.config.accumulate_on == "cpu" else self.device
@@ -190,8 +207,7 @@ class CoarseToFine:
                 # windows would cost more than oneDNN's few ms for a new shape.
                 fixed_batch=self.device.type == "cuda",
             )
-            mask = (scores > 0.5).cpu().numpy()
-        return mask, len(plan_windows(tuple(image.shape), patch, window.n))
+        return scores, len(plan_windows(tuple(image.shape), patch, window.n))
 
     def precision_context(self):
         """Autocast to the engine's reduced precision (a no-op for fp32)."""

@@ -50,7 +50,7 @@ from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 from ray.exceptions import GetTimeoutError
 
 from resdsn_ray import lease, runs, storage
-from resdsn_ray.archive import Case, is_manifest, scan
+from resdsn_ray.archive import Case, is_manifest, is_nifti, scan
 from resdsn_ray.bundle import load_bundle
 from resdsn_ray.cluster import HostWatch, connect, fit_cpus, node_cpus, node_memory, runtime_env
 from resdsn_ray.config import (
@@ -64,7 +64,7 @@ from resdsn_ray.config import (
 )
 from resdsn_ray.errors import InputError
 from resdsn_ray.provenance import provenance, utc_iso, utc_now
-from resdsn_ray.stages import CoarseStage, FineStage, WholeCase, finish_case, read_case
+from resdsn_ray.stages import CoarseStage, FineStage, WholeCase, complete_case, finish_case, read_case
 
 # One case in flight per actor: a case that kills its actor (out of memory) must not take a
 # neighbour's retries with it (measured with two in flight: 4 good cases lost to 8 kills).
@@ -100,6 +100,22 @@ class RunResult:
 # Driver
 
 
+def _task_args(job: ArchiveJob) -> dict[str, Any]:
+    """The reservation of each read, finish and complete task (one case's memory each)."""
+    res = job.resources
+    case_bytes = int(res.max_case_gb * 1e9) if res.max_case_gb else None
+    return {"num_cpus": res.task_cpus, "memory": case_bytes, "compute": TaskPoolStrategy(size=max(1, res.read_tasks)),
+            "runtime_env": runtime_env(), "max_retries": PROCESS_RETRIES}
+
+
+def build_completion(rows: list[dict[str, Any]], job: ArchiveJob):
+    """The lazy Ray Data stream of done cases that lack asked files (no model: CPU tasks only)."""
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map(complete_case, fn_kwargs={"outputs": job.outputs}, **_task_args(job))
+
+
 def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[str, PreprocessConfig | None]):
     """The lazy Ray Data stream of `rows` (one case per block) through all stages."""
     res = job.resources
@@ -113,8 +129,7 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
     env = runtime_env()
     case_bytes = int(res.max_case_gb * 1e9) if res.max_case_gb else None
     # Every task and actor reserves one case's memory: a node never runs more big cases than fit.
-    task = {"num_cpus": res.task_cpus, "memory": case_bytes, "compute": TaskPoolStrategy(size=max(1, res.read_tasks)),
-            "runtime_env": env, "max_retries": PROCESS_RETRIES}
+    task = _task_args(job)
     threads = res.threads_per_actor or max(1, round(res.cpus_per_actor or 1))
 
     def pool(size: int | None) -> dict[str, Any]:
@@ -141,9 +156,10 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
             ds = ds.map(CoarseStage, fn_constructor_kwargs={"coarse": job.coarse, **common}, **pool(res.coarse_actors))
             ds = ds.map(FineStage, fn_constructor_kwargs={"fine": job.fine, **common}, **pool(res.fine_actors))
         else:
-            ds = ds.map(WholeCase, fn_constructor_kwargs={"coarse": job.coarse, "fine": job.fine, **common},
+            ds = ds.map(WholeCase, fn_constructor_kwargs={"coarse": job.coarse, "fine": job.fine, **common,
+                                                          "probabilities": job.outputs.probabilities != "none"},
                         **pool(res.coarse_actors))
-        return ds.map(finish_case, fn_kwargs={"post_ratio": engine.post_ratio}, **task)
+        return ds.map(finish_case, fn_kwargs={"post_ratio": engine.post_ratio, "outputs": job.outputs}, **task)
 
 
 def _check_output(job: ArchiveJob) -> None:
@@ -194,15 +210,23 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
             "fold": job.fold, "demo_models": job.demo_models}
     immediate: list[dict[str, Any]] = []
     todo: list[dict[str, Any]] = []
+    complete: list[dict[str, Any]] = []
     for case in cases:
         row = dict(base, case_id=case.case_id, image_uri=case.image_uri, series_uid=case.series_uid or "",
                    label_uri=case.label_uri or "")
+        needed = runs.asked_files(job.outputs, not is_nifti(case.image_uri))
+        files = {f.column: None for f in runs.OUTPUT_FILES.values()} | {
+            runs.OUTPUT_FILES[kind].column: runs.file_uri(job.output, kind, case.case_id, mode) for kind in needed}
+        done = None if job.overwrite or case.error else history.done_row(case.case_id, cfg)
+        missing = history.missing(case.case_id, needed) if done else list(needed)
         if case.error:
             immediate.append(_listing_error(row, case, history))
-        elif not job.overwrite and history.is_done(case.case_id, cfg):
+        elif done and not missing:
             immediate.append(_skipped(row, history))
+        elif done and "probabilities" not in missing:  # the mask stands: write only what is missing
+            complete.append(_completing(done, row, files, missing))
         else:
-            todo.append(dict(row, attempt=history.next_attempt(case.case_id), mask_uri=runs.mask_uri(job.output, case.case_id, mode)))
+            todo.append(dict(row, **files, to_write=list(needed), attempt=history.next_attempt(case.case_id)))
 
     record = {
         "run_id": run_id,
@@ -220,12 +244,15 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
         "started_at": utc_iso(started),
         "cases": len(cases),
         "to_segment": len(todo),
+        "to_complete": len(complete),
+        "outputs": to_dict(job.outputs),
         "skipped_files": [f"{s.uri}: {s.reason}" for s in listing.skipped[:SKIPPED_SHOWN]],
         "skipped_files_count": len(listing.skipped),
     }
     runs.write_run_record(job.output, run_id, record)
     say(f"run {run_id}: {len(cases)} cases in {job.input}; {len(todo)} to segment, "
-        f"{sum(r['status'] == STATUS_SKIPPED for r in immediate)} already done, "
+        + (f"{len(complete)} segmented but lacking asked files, " if complete else "")
+        + f"{sum(r['status'] == STATUS_SKIPPED for r in immediate)} already done, "
         f"{sum(r['status'] == STATUS_ERROR for r in immediate)} rejected at listing")
     if listing.skipped:
         say(f"{len(listing.skipped)} file(s) not a case (localizers, reports, non-images), e.g. "
@@ -234,33 +261,18 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
     writer = _RowWriter(job, run_id, held)
     for row in immediate:
         writer.add(row)
-    progress = _Progress(len(todo), job.progress_s, say)
+    progress = _Progress(len(todo) + len(complete), job.progress_s, say)
     watch: HostWatch | None = None
     try:
-        if todo:
+        if todo or complete:
             job = replace(job, resources=_connect_and_resolve(job))
             record["resources"] = to_dict(job.resources)
             preprocess = {"coarse": coarse.preprocess if coarse else None, "fine": fine.preprocess if fine else None}
-            res = job.resources
-            watch = HostWatch(res.cpus_per_actor, res.gpus_per_actor, res.actor_start_timeout_s).start()
-            pending = todo
-            for again in range(LOST_CASE_PASSES + 1):
-                if again:
-                    say(f"{len(pending)} case(s) lost with their worker processes or nodes: streaming them again "
-                        f"({again} of {LOST_CASE_PASSES})")
-                seen: set[str] = set()
-                for row in build_dataset(pending, job, preprocess).iter_rows():
-                    row = _from_stream(row)
-                    seen.add(row["case_id"])
-                    writer.add(row)
-                    progress.update(row)
-                pending = [row for row in pending if row["case_id"] not in seen]
-                if not pending:
-                    break
-            for row in pending:
-                lost = _lost(row)
-                writer.add(lost)
-                progress.update(lost)
+            _stream(complete, lambda rows: build_completion(rows, job), writer, progress, say)
+            if todo:
+                res = job.resources
+                watch = HostWatch(res.cpus_per_actor, res.gpus_per_actor, res.actor_start_timeout_s).start()
+                _stream(todo, lambda rows: build_dataset(rows, job, preprocess), writer, progress, say)
     except BaseException as err:  # any failure, Ctrl-C or SIGTERM: keep what is done, say why the run ended
         failure = watch.failure if watch and watch.failure else _start_failure(job) if isinstance(err, GetTimeoutError) else err
         if held is None or not held.lost:  # a run that lost its lease to another writes nothing more
@@ -283,6 +295,31 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
                   parts=writer.parts, cases_per_min=progress.rate())
     runs.write_run_record(job.output, run_id, record)
     return RunResult(run_id=run_id, rows=writer.rows, counts=counts, seconds=ended - started, record=record)
+
+
+def _stream(rows: list[dict[str, Any]], build: Callable[[list[dict[str, Any]]], Any], writer: _RowWriter,
+            progress: _Progress, say: Callable[[str], None]) -> None:
+    """Run `rows` through the stream `build` makes, each output row written as it comes. Cases the
+    stream loses (their processes died on every retry) go through a fresh stream `LOST_CASE_PASSES`
+    more times, then become error rows."""
+    pending = rows
+    for again in range(LOST_CASE_PASSES + 1):
+        if not pending:
+            return
+        if again:
+            say(f"{len(pending)} case(s) lost with their worker processes or nodes: streaming them again "
+                f"({again} of {LOST_CASE_PASSES})")
+        seen: set[str] = set()
+        for row in build(pending).iter_rows():
+            row = _from_stream(row)
+            seen.add(row["case_id"])
+            writer.add(row)
+            progress.update(row)
+        pending = [row for row in pending if row["case_id"] not in seen]
+    for row in pending:
+        lost = _lost(row)
+        writer.add(lost)
+        progress.update(lost)
 
 
 def _start_failure(job: ArchiveJob) -> InputError:
@@ -337,16 +374,26 @@ def _listing_error(row: dict[str, Any], case: Case, history: runs.History) -> di
 
 def _lost(row: dict[str, Any]) -> dict[str, Any]:
     now = utc_now()
-    return dict(row, status=STATUS_ERROR, retryable=True, label_uri=row["label_uri"] or None, mask_uri=None, started_at=now,
-                finished_at=now, error=f"worker: the process handling this case died on each of its {ATTEMPTS_PER_CASE} "
-                                   "attempts (killed for memory?); see the Ray logs")
+    return dict(row, **{f.column: None for f in runs.OUTPUT_FILES.values()},
+                status=STATUS_ERROR, retryable=True, label_uri=row["label_uri"] or None, started_at=now, finished_at=now,
+                error=f"worker: the process handling this case died on each of its {ATTEMPTS_PER_CASE} attempts "
+                      "(killed for memory?); see the Ray logs")
+
+
+def _completing(done: dict[str, Any], row: dict[str, Any], files: dict[str, Any], missing: list[str]) -> dict[str, Any]:
+    """The row that adds `missing` files to a done case: the done attempt's results (mask,
+    metrics, model info) under this run, `done_in_run` naming the run that made the mask."""
+    kept = {name: done[name] for name in runs.COLUMNS if name not in runs.TIMING_KEYS}
+    return dict(kept, **row, **files, to_write=missing, attempt=done["attempt"], done_in_run=runs.mask_run(done),
+                t_total_s=None, t_wall_s=None, error=None, note=None)
 
 
 def _skipped(row: dict[str, Any], history: runs.History) -> dict[str, Any]:
     done = history.done[row["case_id"]]
     now = utc_now()
-    return dict(row, status=STATUS_SKIPPED, label_uri=row["label_uri"] or None, mask_uri=done["mask_uri"],
-                attempt=done["attempt"], done_in_run=done["run_id"], started_at=now, finished_at=now)
+    return dict(row, status=STATUS_SKIPPED, label_uri=row["label_uri"] or None,
+                **{f.column: done[f.column] for f in runs.OUTPUT_FILES.values()},
+                attempt=done["attempt"], done_in_run=runs.mask_run(done), started_at=now, finished_at=now)
 
 
 def _from_stream(row: dict[str, Any]) -> dict[str, Any]:

@@ -3,17 +3,13 @@ without a notebook: one self-contained page (no script, no CDN, relative links o
 PNG images it shows written beside it.
 
 It holds the summary tables of `query.summary` (paper Tables 2 and 5), DSC distributions per
-mode and per fold, QA overlays of the worst, median and best cases (paper Figure 4), the
-per-case table, the errors with their reasons and the provenance (run records, `cv.json`,
-`splits.json`).
+mode and per fold, QA overlays of the worst, median and best cases (paper Figure 4) and, for
+cases without a label, of the largest, median and smallest predictions (the prediction alone),
+throughput over time and per node, time per stage, the slowest cases, the per-case table, the
+errors with their reasons and the provenance (run records, `cv.json`, `splits.json`).
 
-Overlays show the axial slice (fixed k, the volume's third voxel axis) with the largest
-ground-truth area. Voxel arrays are in nibabel's (i, j, k) order with RAS+ affines, so the slice
-is turned for the screen from its affine, not from the array order: the in-plane axis nearer
-world x (left-right) runs along screen columns and the other along rows, and every screen
-axis runs towards the negative RAS direction. For an axial slice that is the radiological
-convention: the patient's right on the left of the screen, anterior at the top (a coronal or
-sagittal k gets superior at the top). Pixels are scaled to the voxel spacing.
+Overlays show the axial slice (fixed k) with the largest ground-truth area, drawn and turned for
+the screen by `pictures` (radiological convention, pixels scaled to the voxel spacing).
 """
 
 from __future__ import annotations
@@ -21,7 +17,6 @@ from __future__ import annotations
 import html
 import io
 import json
-import math
 import os
 import posixpath
 from collections.abc import Sequence
@@ -29,59 +24,19 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import matplotlib.image
-import nibabel as nib
 import numpy as np
 from matplotlib.figure import Figure
 
 from resdsn_ray import config, query, runs, storage
 from resdsn_ray.errors import InputError
+from resdsn_ray.pictures import WINDOW_HU, overlay, png
 from resdsn_ray.volumes import read_volume
 
-WINDOW_HU = (-160.0, 240.0)  # abdominal soft-tissue window for the grey CT
-ALPHA = 0.5  # weight of the overlay colour over the CT
-GROUND_TRUTH, PREDICTION, OVERLAP = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (1.0, 1.0, 0.0)  # red, green, yellow
-MIN_SIDE_PX = 256  # small phantoms are enlarged by whole pixels per voxel up to this
 PROVENANCE_FILES = ("cv.json", "splits.json")  # written by resdsn_ray.cv at the output root
 
 
 def default_html(output_uri: str) -> str:
     return storage.join(output_uri, "report", "index.html")
-
-
-def overlay(image: np.ndarray, label: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, int]:
-    """The RGB picture (rows, columns, 3; floats in [0, 1]) of the k slice with the largest
-    ground-truth area, and that k: CT in grey, ground truth red, prediction green, both yellow."""
-    k = int(np.argmax(np.count_nonzero(label, axis=(0, 1))))
-    low, high = WINDOW_HU
-    grey = np.clip((image[:, :, k].astype(np.float64) - low) / (high - low), 0.0, 1.0)
-    rgb = np.repeat(grey[:, :, None], 3, axis=2)
-    truth, pred = label[:, :, k] > 0, mask[:, :, k] > 0
-    for region, colour in ((truth & ~pred, GROUND_TRUTH), (pred & ~truth, PREDICTION), (truth & pred, OVERLAP)):
-        rgb[region] = (1 - ALPHA) * rgb[region] + ALPHA * np.asarray(colour)
-    return for_screen(rgb, affine), k
-
-
-def for_screen(slice_ij: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """An (i, j, ...) slice turned and flipped for display (see the module docstring), scaled to
-    the voxel spacing by whole pixels."""
-    ornt = nib.orientations.io_orientation(affine)  # per voxel axis: (world axis, +1/-1)
-    rows_axis, cols_axis = (0, 1) if ornt[0, 0] > ornt[1, 0] else (1, 0)
-    picture = np.moveaxis(slice_ij, (rows_axis, cols_axis), (0, 1))
-    for screen_axis, voxel_axis in enumerate((rows_axis, cols_axis)):
-        if ornt[voxel_axis, 1] > 0:
-            picture = np.flip(picture, screen_axis)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)[[rows_axis, cols_axis]]
-    scale = max(1, math.ceil(MIN_SIDE_PX / min(picture.shape[:2])))
-    for screen_axis, size in enumerate(spacing):
-        picture = np.repeat(picture, max(1, round(scale * size / spacing.min())), axis=screen_axis)
-    return picture
-
-
-def png(picture: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    matplotlib.image.imsave(buffer, np.ascontiguousarray(picture), format="png")
-    return buffer.getvalue()
 
 
 @dataclass(frozen=True)
@@ -114,16 +69,32 @@ def _scored(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [c for c in cases if c["dsc"] is not None and c["status"] in config.FINISHED]
 
 
+def unlabelled_cases(cases: list[dict[str, Any]], mode: str | None) -> list[tuple[str, dict[str, Any]]]:
+    """The largest, mid-size (median volume) and smallest predictions of the unlabelled cases with a non-empty mask
+    (of `mode`, else the first mode that has some): what an unlabelled archive's run looks like."""
+    found = [c for c in cases if not c["label_uri"] and c["status"] == config.STATUS_OK and c["mask_uri"]]
+    if not found:
+        return []
+    shown = mode if any(c["mode"] == mode for c in found) else min({c["mode"] for c in found}, key=query.mode_key)
+    ranked = sorted((c for c in found if c["mode"] == shown), key=lambda c: (-(c["pred_volume_ml"] or 0.0), c["case_id"]))
+    chosen: list[tuple[str, dict[str, Any]]] = []
+    for role, index in {"largest": 0, "mid-size": (len(ranked) - 1) // 2, "smallest": len(ranked) - 1}.items():
+        if all(ranked[index] is not row for _, row in chosen):
+            chosen.append((role, ranked[index]))
+    return chosen
+
+
 def make_overlay(role: str, row: dict[str, Any]) -> tuple[Overlay, bytes | None]:
-    """Read the case's image, label and mask and draw its overlay; a missing file becomes a problem."""
+    """Read the case's image, label (if any) and mask and draw its overlay; a missing file becomes a problem."""
     try:
-        image = read_volume(row["image_uri"])
-        label = read_volume(row["label_uri"]).array
+        image = read_volume(row["image_uri"], series_uid=row.get("series_uid") or None)
+        label = read_volume(row["label_uri"]).array if row["label_uri"] else None
         mask = read_volume(row["mask_uri"]).array
     except InputError as err:
         return Overlay(role, row, problem=str(err)), None
-    if not label.shape == mask.shape == image.shape:
-        return Overlay(role, row, problem=f"shapes differ: image {image.shape}, label {label.shape}, mask {mask.shape}"), None
+    if mask.shape != image.shape or (label is not None and label.shape != image.shape):
+        shapes = f"image {image.shape}, mask {mask.shape}" + (f", label {label.shape}" if label is not None else "")
+        return Overlay(role, row, problem=f"shapes differ: {shapes}"), None
     picture, k = overlay(image.array, label, mask, image.affine)
     name = f"overlay-{role}-{row['mode']}-{row['case_id']}.png"
     return Overlay(role, row, file=name, k=k), png(picture)
@@ -203,20 +174,83 @@ def build_report(output_uri: str, html_uri: str | None = None, run: str | None =
     mode, picks = qa_cases(cases)
     overlays: list[Overlay] = []
     images: dict[str, bytes] = dsc_plots(cases)
-    for role, row in picks:
+    for role, row in [*picks, *unlabelled_cases(cases, mode)]:
         made, picture = make_overlay(role, row)
         overlays.append(made)
         if picture is not None:
             images[made.file] = picture
+    worked = _worked(rows)
+    if worked:
+        images[THROUGHPUT_PNG] = throughput_plot(worked)
     for name, data in images.items():
         storage.write_bytes(_beside(html_uri, name), data)
     page = render(
         output_uri, run,
         [query.summarise(rows, output_uri, run, by) for by in query.SUMMARY_BY],
         cases, mode, overlays, sorted(images), provenance(output_uri, sorted(set(rows["run_id"].to_pylist()) - {None})),
+        worked,
     )
     storage.write_text(html_uri, page)
     return html_uri
+
+
+THROUGHPUT_PNG = "throughput.png"
+SLOWEST = 10  # cases in the slowest-cases table
+
+
+def _worked(rows: Any) -> list[dict[str, Any]]:
+    """Every attempt that did work (not skipped, finished), oldest first: what throughput counts."""
+    done = [r for r in rows.to_pylist() if r["status"] != config.STATUS_SKIPPED and r["finished_at"] is not None]
+    return sorted(done, key=lambda r: r["finished_at"])
+
+
+def throughput_plot(worked: list[dict[str, Any]]) -> bytes:
+    """Cases finished over time, in all and per node (steps: one per case, as they ended)."""
+    start = min(r["started_at"] or r["finished_at"] for r in worked)
+    figure = Figure(figsize=(8.0, 3.4), dpi=100)
+    axes = figure.add_subplot()
+    lines = {"all nodes": worked} | {f"node {n}": [r for r in worked if r["node"] == n]
+                                     for n in sorted({r["node"] for r in worked if r["node"]})}
+    for n, (name, group) in enumerate(lines.items()):
+        minutes = [(r["finished_at"] - start).total_seconds() / 60 for r in group]
+        axes.step([0.0, *minutes], range(len(group) + 1), where="post", label=name, color=f"C{n}")
+    axes.set_xlabel(f"minutes since {start:%Y-%m-%d %H:%M:%S} UTC")
+    axes.set_ylabel("cases finished")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper left", fontsize="small")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def node_table(worked: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Per node: cases, errors, first start, last end and cases per minute between them."""
+    lines = []
+    for node in sorted({r["node"] or "-" for r in worked}):
+        group = [r for r in worked if (r["node"] or "-") == node]
+        first = min(r["started_at"] or r["finished_at"] for r in group)
+        last = max(r["finished_at"] for r in group)
+        minutes = (last - first).total_seconds() / 60
+        lines.append([node, len(group), sum(r["status"] == config.STATUS_ERROR for r in group), first, last,
+                      len(group) / minutes if minutes > 0 else None])
+    return ["node", "cases", "errors", "first start", "last end", "cases/min"], lines
+
+
+def stage_table(cases: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Per stage (`runs.TIMING_KEYS`): cases that ran it and its mean, median and total seconds."""
+    lines = []
+    for key in (*runs.TIMING_KEYS, "t_total_s"):
+        values = [c[key] for c in cases if c.get(key) is not None]
+        if values:
+            lines.append([key[2:-2], len(values), float(np.mean(values)), float(np.median(values)), float(np.sum(values))])
+    return ["stage", "cases", "mean s", "median s", "total s"], lines
+
+
+def slowest(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The `SLOWEST` cases by wall time (read to write; the work's sum where no wall time)."""
+    timed = [c for c in cases if (c["t_wall_s"] or c["t_total_s"]) is not None]
+    return sorted(timed, key=lambda c: -(c["t_wall_s"] or c["t_total_s"]))[:SLOWEST]
 
 
 def _beside(html_uri: str, name: str) -> str:
@@ -228,7 +262,8 @@ def _beside(html_uri: str, name: str) -> str:
 
 _STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em auto; max-width: 72em; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: .5em 0 1em; }
+table { border-collapse: collapse; margin: .5em 0 1em; max-width: 100%; }
+td.wrap, th.wrap { white-space: normal; overflow-wrap: anywhere; min-width: 6em; }
 th, td { border: 1px solid #ccc; padding: .2em .5em; text-align: right; vertical-align: top; white-space: nowrap; }
 th { background: #f2f2f2; }
 td.text, th.text { text-align: left; }
@@ -245,7 +280,7 @@ _TEXT_COLUMNS = {"case_id", "mode", "status", "run_id", "node"}
 
 def render(output_uri: str, run: str | None, summaries: list[query.Summary], cases: list[dict[str, Any]],
            mode: str | None, overlays: list[Overlay], images: list[str],
-           records: list[tuple[str, str, dict[str, Any] | None]]) -> str:
+           records: list[tuple[str, str, dict[str, Any] | None]], worked: list[dict[str, Any]]) -> str:
     """The report page; every text from the data goes through html.escape."""
     title = f"resdsn report: {output_uri}" + (f" (runs {run}*)" if run else "")
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{_esc(title)}</title>\n"
@@ -264,7 +299,9 @@ def render(output_uri: str, run: str | None, summaries: list[query.Summary], cas
     plots = [name for name in ("dsc-by-mode.png", "dsc-by-fold.png") if name in images]
     parts.append("".join(f'<figure><img src="{_href(n)}" alt="{_esc(n)}"><figcaption><a href="{_href(n)}">'
                          f"{_esc(n)}</a></figcaption></figure>" for n in plots) or '<p class="note">no case has a DSC (no labels?)</p>')
-    parts.append(_overlay_section(mode, overlays))
+    parts.append(_overlay_section(mode, [o for o in overlays if o.row["label_uri"]]))
+    parts.append(_unlabelled_section([o for o in overlays if not o.row["label_uri"]]))
+    parts.append(_timing_section(cases, worked, images))
     parts.append(_cases_section(cases, overlays))
     parts.append(_errors_section(cases))
     parts.append(_provenance_section(records))
@@ -279,12 +316,14 @@ def _runs_section(records: list[tuple[str, str, dict[str, Any] | None]]) -> str:
             engine = record.get("engine") or {}
             bundles = record.get("bundles") or {}
             lines.append([record.get("run_id", title[4:]), record.get("status"), engine.get("mode"), record.get("fold"),
-                          record.get("started_at"), record.get("ended_at"), record.get("cases"),
+                          _minute(record.get("started_at")), _minute(record.get("ended_at")), record.get("cases"),
                           json.dumps(record.get("counts"), sort_keys=True) if record.get("counts") else None,
                           record.get("input"),
                           " / ".join(str((bundles.get(s) or {}).get("id")) for s in ("coarse", "fine") if bundles.get(s))])
-    headers = ["run", "status", "mode", "fold", "started", "ended", "cases", "counts", "input", "bundles (coarse / fine)"]
-    body = _table(headers, [[_esc(query.cell(v)) for v in line] for line in lines], text_columns=set(range(len(headers))))
+    headers = ["run", "status", "mode", "fold", "started (UTC)", "ended (UTC)", "cases", "counts", "input",
+               "bundles (coarse / fine)"]
+    body = _table(headers, [[_esc(query.cell(v)) for v in line] for line in lines], text_columns=set(range(len(headers))),
+                  wrap_columns={4, 5, 7, 8, 9})
     return "<h2>Runs</h2>\n" + (body if lines else '<p class="note">no run records</p>')
 
 
@@ -305,6 +344,11 @@ def _folds_section(records: list[tuple[str, str, dict[str, Any] | None]]) -> str
                                                         text_columns={1, 2, 3})
 
 
+def _minute(iso: Any) -> Any:
+    """An ISO 8601 UTC time of a run record to the minute (`2026-01-01 00:00`): short enough for the runs table."""
+    return f"{iso[:10]} {iso[11:16]}" if isinstance(iso, str) and len(iso) >= 16 else iso
+
+
 def _overlay_section(mode: str | None, overlays: list[Overlay]) -> str:
     if not overlays:
         return '<h2>QA overlays</h2>\n<p class="note">no overlays: no finished case has a DSC</p>'
@@ -314,11 +358,48 @@ def _overlay_section(mode: str | None, overlays: list[Overlay]) -> str:
     for item in overlays:
         row = item.row
         caption = f"{item.role}: {row['case_id']}, DSC {row['dsc']:.4f}" + (f", slice k = {item.k}" if item.k is not None else "")
-        if item.file is None:
-            parts.append(f'<figure><figcaption>{_esc(caption)}</figcaption><p class="error">{_esc(item.problem)}</p></figure>')
-        else:
-            parts.append(f'<figure class="overlay" id="overlay-{_esc(item.role)}"><a href="{_href(item.file)}"><img src="{_href(item.file)}" '
-                         f'alt="{_esc(caption)}"></a><figcaption>{_esc(caption)}</figcaption></figure>')
+        parts.append(_figure(item, caption))
+    return "\n".join(parts)
+
+
+def _unlabelled_section(overlays: list[Overlay]) -> str:
+    if not overlays:
+        return ""
+    parts = ["<h2>Predictions without a label</h2>",
+             '<p class="note">the largest, mid-size (median volume) and smallest predictions of the cases with no label: the axial slice '
+             "(k) with the largest predicted area, prediction green; orientation and CT window as above</p>"]
+    for item in overlays:
+        row = item.row
+        volume = f", {row['pred_volume_ml']:.1f} ml" if row.get("pred_volume_ml") is not None else ""
+        caption = f"{item.role}: {row['case_id']} ({query.method_name(row['mode'])}{volume})" + (
+            f", slice k = {item.k}" if item.k is not None else "")
+        parts.append(_figure(item, caption))
+    return "\n".join(parts)
+
+
+def _figure(item: Overlay, caption: str) -> str:
+    if item.file is None:
+        return f'<figure><figcaption>{_esc(caption)}</figcaption><p class="error">{_esc(item.problem)}</p></figure>'
+    return (f'<figure class="overlay" id="overlay-{_esc(item.role)}"><a href="{_href(item.file)}"><img src="{_href(item.file)}" '
+            f'alt="{_esc(caption)}"></a><figcaption>{_esc(caption)}</figcaption></figure>')
+
+
+def _timing_section(cases: list[dict[str, Any]], worked: list[dict[str, Any]], images: list[str]) -> str:
+    if not worked:
+        return '<h2>Throughput</h2>\n<p class="note">no finished attempts</p>'
+    parts = ["<h2>Throughput</h2>"]
+    if THROUGHPUT_PNG in images:
+        parts.append(f'<figure><img src="{_href(THROUGHPUT_PNG)}" alt="cases finished over time"><figcaption>'
+                     f"every attempt that did work ({len(worked)}), over time, in all and per node</figcaption></figure>")
+    headers, lines = node_table(worked)
+    parts.append(_table(headers, [[_esc(query.cell(v)) for v in line] for line in lines], text_columns={0}))
+    headers, lines = stage_table(cases)
+    parts.append("<h3>Time per stage</h3>\n<p class=\"note\">seconds per case, current result of each case</p>")
+    parts.append(_table(headers, [[_esc(query.cell(v)) for v in line] for line in lines], text_columns={0}))
+    columns = ("case_id", "mode", "status", "t_wall_s", "t_total_s", "t_coarse_s", "t_fine_s", "node", "run_id")
+    parts.append(f"<h3>Slowest cases (up to {SLOWEST})</h3>")
+    parts.append(_table(columns, [[_esc(query.cell(c.get(k))) for k in columns] for c in slowest(cases)],
+                        text_columns={0, 1, 2, 7, 8}))
     return "\n".join(parts)
 
 
@@ -351,10 +432,12 @@ def _provenance_section(records: list[tuple[str, str, dict[str, Any] | None]]) -
     return "<h2>Provenance</h2>\n" + "\n".join(blocks)
 
 
-def _table(headers: Sequence[str], lines: list[list[str]], text_columns: set[int]) -> str:
-    """An HTML table of cells that are already HTML (escaped by the caller)."""
+def _table(headers: Sequence[str], lines: list[list[str]], text_columns: set[int], wrap_columns: Sequence[int] = ()) -> str:
+    """An HTML table of cells that are already HTML (escaped by the caller); the cells of
+    `wrap_columns` (long URIs, counts) wrap anywhere, so the table fits the page."""
     def cls(i: int) -> str:
-        return ' class="text"' if i in text_columns else ""
+        names = [name for name, on in (("text", i in text_columns), ("wrap", i in wrap_columns)) if on]
+        return f' class="{" ".join(names)}"' if names else ""
 
     head = "".join(f"<th{cls(i)}>{_esc(h)}</th>" for i, h in enumerate(headers))
     body = "\n".join("<tr>" + "".join(f"<td{cls(i)}>{v}</td>" for i, v in enumerate(line)) + "</tr>" for line in lines)

@@ -1,15 +1,20 @@
 """What an archive run leaves under its output, and what earlier runs already did.
 
 Layout under OUTPUT (DESIGN "Outputs of an archive run"):
-- `masks/<case_id>.nii.gz`, written whole or not at all; the ablation modes (coarse-only,
-  fine-only) write to `masks/coarse/` and `masks/fine/`, so one output can hold all three;
+- a case's files, by `OUTPUT_FILES`: `masks/<case_id>.nii.gz` always; `segs/<case_id>.dcm`
+  (DICOM SEG), `probabilities/<case_id>.nii.gz` and `previews/<case_id>.png` when asked
+  (`config.OutputConfig`); each written whole or not at all. The ablation modes (coarse-only,
+  fine-only) write below `<folder>/coarse/` and `<folder>/fine/`, so one output can hold all three;
 - `metrics/run_id=<id>/part-<seq>.parquet`, rows with `ROW_SCHEMA`, one per case and attempt;
 - `runs/<id>.json`, the run record (config, bundle ids, versions, start/end, counts).
 
 A case is *done* in a mode when its mask of that mode exists AND the latest row of an
 earlier attempt in that mode says it finished (`ok` or `no_organ`) under the same `config_id`
 (bundles + engine settings): a rerun with the same output skips it, a rerun with other models
-or settings recomputes it. Each mask carries the stamp of the attempt that wrote it in its
+or settings recomputes it. A done case that lacks a file this run asks for (a rerun adding
+`--preview`) gets only the missing files, from its image and its mask, in a row of the same
+attempt (`done_in_run` names the run that made the mask); a missing probability map needs the
+models, so that case is segmented again. Each mask carries the stamp of the attempt that wrote it in its
 header (`mask_stamp`: config, run, attempt), and the done row must be that attempt's: a mask
 without its row (the driver died between the two writes, perhaps after a crashed run with
 other settings overwrote it) is not trusted: the case is recomputed and the mask replaced whole. Rows are never rewritten; every attempt appends its own, numbered by
@@ -25,17 +30,38 @@ import posixpath
 import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from resdsn_ray import storage, volumes
-from resdsn_ray.config import FINISHED, STATUS_SKIPPED
+from resdsn_ray.config import FINISHED, STATUS_SKIPPED, OutputConfig
+from resdsn_ray.mask_stats import STAT_KEYS
 from resdsn_ray.metrics import METRIC_KEYS
 from resdsn_ray.provenance import utc_now
 
 TIMING_KEYS = ("t_read_s", "t_preprocess_s", "t_coarse_s", "t_fine_s", "t_post_s", "t_write_s", "t_metrics_s")
+
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One kind of per-case file: the row column holding its URI, its folder and its suffix."""
+
+    column: str
+    folder: str
+    suffix: str
+
+
+OUTPUT_FILES = {
+    "mask": OutputFile("mask_uri", "masks", ".nii.gz"),
+    "seg": OutputFile("seg_uri", "segs", ".dcm"),
+    "probabilities": OutputFile("probabilities_uri", "probabilities", ".nii.gz"),
+    "preview": OutputFile("preview_uri", "previews", ".png"),
+}
+"""Every file the archive job writes per case, by kind (the one layout table)."""
 
 STAMP_READERS = 32
 _TIME = pa.timestamp("us", tz="UTC")
@@ -51,7 +77,8 @@ ROW_SCHEMA = pa.schema(
         ("image_uri", pa.string()),
         ("series_uid", pa.string()),  # the DICOM series of image_uri's folder that is this case (null: NIfTI / the only one)
         ("label_uri", pa.string()),
-        ("mask_uri", pa.string()),
+        *[(f.column, pa.string()) for f in OUTPUT_FILES.values()],
+        ("note", pa.string()),  # what was asked but not written, and why (a DICOM SEG of a NIfTI input)
         ("shape", pa.list_(pa.int32())),
         ("spacing_mm", pa.list_(pa.float64())),
         ("coarse_bbox", pa.list_(pa.int32())),
@@ -59,6 +86,8 @@ ROW_SCHEMA = pa.schema(
         ("fine_windows", pa.int32()),
         ("fine_fallback", pa.bool_()),  # C2F: the coarse stage found nothing, the fine model ran on the whole volume
         *[(key, pa.float64()) for key in METRIC_KEYS],
+        *[(key, pa.list_(pa.float64()) if key == "bbox_ras_mm" else pa.float64())
+          for key in STAT_KEYS if key not in METRIC_KEYS],  # pred_volume_ml is both: on every row with a mask
         *[(key, pa.float64()) for key in TIMING_KEYS],
         ("t_total_s", pa.float64()),
         ("t_wall_s", pa.float64()),
@@ -89,13 +118,29 @@ def config_id(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def files_uri(output: str, kind: str, mode: str = "c2f") -> str:
+    """The folder of a mode's files of `kind`: `masks/` for C2F, `masks/<mode>/` for the ablations."""
+    folder = OUTPUT_FILES[kind].folder
+    return storage.join(output, folder) if mode == "c2f" else storage.join(output, folder, mode)
+
+
+def file_uri(output: str, kind: str, case_id: str, mode: str = "c2f") -> str:
+    return storage.join(files_uri(output, kind, mode), case_id + OUTPUT_FILES[kind].suffix)
+
+
 def masks_uri(output: str, mode: str = "c2f") -> str:
-    """The folder of a mode's masks: `masks/` for C2F, `masks/<mode>/` for the ablations."""
-    return storage.join(output, "masks") if mode == "c2f" else storage.join(output, "masks", mode)
+    return files_uri(output, "mask", mode)
 
 
 def mask_uri(output: str, case_id: str, mode: str = "c2f") -> str:
-    return storage.join(masks_uri(output, mode), f"{case_id}.nii.gz")
+    return file_uri(output, "mask", case_id, mode)
+
+
+def asked_files(outputs: OutputConfig, image_is_dicom: bool) -> tuple[str, ...]:
+    """The kinds of file a case needs under `outputs` (a NIfTI image gets no DICOM SEG)."""
+    asked = {"mask": True, "seg": outputs.seg and image_is_dicom, "probabilities": outputs.probabilities != "none",
+             "preview": outputs.preview}
+    return tuple(kind for kind, wanted in asked.items() if wanted)
 
 
 def metrics_uri(output: str, run_id: str | None = None) -> str:
@@ -151,24 +196,26 @@ def _conform(table: pa.Table) -> pa.Table:
     return pa.table(columns, schema=ROW_SCHEMA)
 
 
-def existing_masks(output: str, mode: str = "c2f") -> set[str]:
-    """Case ids that have a mask of `mode` under `output`."""
-    fs, path = storage.filesystem(masks_uri(output, mode))
+def existing_files(output: str, kind: str = "mask", mode: str = "c2f") -> set[str]:
+    """Case ids that have a file of `kind` and `mode` under `output` (one listing of its folder)."""
+    fs, path = storage.filesystem(files_uri(output, kind, mode))
     fs.invalidate_cache()
     try:
         names = fs.ls(path, detail=False)
     except FileNotFoundError:
         return set()
-    suffix = ".nii.gz"
+    suffix = OUTPUT_FILES[kind].suffix
     return {posixpath.basename(n)[: -len(suffix)] for n in names if n.endswith(suffix) and not posixpath.basename(n).startswith(".")}
 
 
 class History:
-    """What earlier attempts in one mode under one output did: done cases and attempt counts."""
+    """What earlier attempts in one mode under one output did: done cases, their files, attempt counts."""
 
-    def __init__(self, rows: pa.Table, masks: set[str], mode: str = "c2f") -> None:
+    def __init__(self, rows: pa.Table, files: dict[str, set[str]], mode: str = "c2f") -> None:
         self.attempts: dict[str, int] = {}
         self.done: dict[str, dict[str, Any]] = {}
+        self.files = files  # kind -> case ids that have such a file
+        masks = files.get("mask", set())
         for row in rows.sort_by([("finished_at", "ascending")]).to_pylist():
             if row["status"] == STATUS_SKIPPED or row["mode"] != mode:
                 continue
@@ -181,7 +228,8 @@ class History:
 
     @classmethod
     def load(cls, output: str, mode: str = "c2f") -> History:
-        history = cls(read_rows(output), existing_masks(output, mode), mode)
+        files = {kind: existing_files(output, kind, mode) for kind in OUTPUT_FILES}
+        history = cls(read_rows(output), files, mode)
         history.keep_stamped(lambda case_id: mask_uri(output, case_id, mode))
         return history
 
@@ -192,15 +240,29 @@ class History:
             stamps = list(pool.map(lambda case: volumes.read_description(mask_of(case)), cases))
         for case, stamp in zip(cases, stamps):
             row = self.done[case]
-            if stamp != mask_stamp(row["config_id"], row["run_id"], row["attempt"]):
+            if stamp != mask_stamp(row["config_id"], mask_run(row), row["attempt"]):
                 del self.done[case]
 
-    def is_done(self, case_id: str, config: str) -> bool:
+    def done_row(self, case_id: str, config: str) -> dict[str, Any] | None:
+        """The row whose mask stands for `case_id` under `config` (None: the case is to segment)."""
         row = self.done.get(case_id)
-        return row is not None and row["config_id"] == config
+        return row if row is not None and row["config_id"] == config else None
+
+    def is_done(self, case_id: str, config: str, needed: tuple[str, ...] = ("mask",)) -> bool:
+        return self.done_row(case_id, config) is not None and not self.missing(case_id, needed)
+
+    def missing(self, case_id: str, needed: tuple[str, ...]) -> list[str]:
+        """The kinds of `needed` file that `case_id` lacks."""
+        return [kind for kind in needed if case_id not in self.files.get(kind, set())]
 
     def next_attempt(self, case_id: str) -> int:
         return self.attempts.get(case_id, 0) + 1
+
+
+def mask_run(row: dict[str, Any]) -> str | None:
+    """The run whose attempt wrote a finished row's mask: its own, or (a row that only added
+    missing files) `done_in_run`."""
+    return row.get("done_in_run") or row["run_id"]
 
 
 def mask_stamp(config_id: str | None, run_id: str | None, attempt: int | None) -> str:

@@ -8,10 +8,14 @@ stages that need them:
 
     read_case (CPU task) -> CoarseStage -> FineStage (actor pools, `split`)
                          -> WholeCase (one actor pool, `whole`)        -> finish_case (CPU task)
+
+The raw image (HU) rides from read_case to finish_case for the statistics and the preview. A
+case already segmented that lacks an asked file goes through `complete_case` alone.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import time
@@ -24,16 +28,18 @@ import torch
 
 from resdsn_ray import runs, storage
 from resdsn_ray.bundle import load_bundle
-from resdsn_ray.config import STATUS_ERROR, STATUS_NO_ORGAN, STATUS_OK, EngineConfig, PreprocessConfig
+from resdsn_ray.case_files import algorithm_version, seg_meta, write_case_files
+from resdsn_ray.config import STATUS_ERROR, STATUS_NO_ORGAN, STATUS_OK, EngineConfig, OutputConfig, PreprocessConfig
 from resdsn_ray.deadline import CaseTimeout, deadline, time_limit
 from resdsn_ray.engine import CoarseToFine, finish_mask, prepare_inputs
 from resdsn_ray.errors import InputError
 from resdsn_ray.metrics import case_metrics
-from resdsn_ray.volumes import Volume, check_same_grid, read_volume, write_mask
+from resdsn_ray.volumes import Volume, check_same_grid, read_volume
 from resdsn_ray.windows import Box, bounding_box, decrop
 
 EMPTY = np.zeros((0, 0, 0), dtype=np.float32)
-ARRAY_COLUMNS = ("coarse_input", "fine_input", "mask_box")
+ARRAY_COLUMNS = ("coarse_input", "fine_input", "mask_box", "image", "probabilities")
+CARRIED = ("image", "probabilities")  # once set, kept by every later stage until finish_case
 
 
 # What ends one case as its error row (a timeout is a BaseException, see `deadline`).
@@ -56,7 +62,8 @@ def _limit(row: dict[str, Any]) -> Any:
 def _with_arrays(row: dict[str, Any], **arrays: np.ndarray) -> dict[str, Any]:
     """Every array column present in every row (empty where unused): blocks stay one schema."""
     for name in ARRAY_COLUMNS:
-        row[name] = arrays.get(name, EMPTY)
+        kept = row.get(name) if name in CARRIED and isinstance(row.get(name), np.ndarray) else EMPTY
+        row[name] = arrays.get(name, kept)
     return row
 
 
@@ -100,11 +107,13 @@ def _read(row: dict[str, Any], coarse: PreprocessConfig | None, fine: Preprocess
         spacing_mm=list(volume.spacing),
         affine=volume.affine.astype(np.float64).ravel().tolist(),
         shared_input=shared,
+        seg_meta=seg_meta(volume),
     )
     return _with_arrays(
         row,
         coarse_input=coarse_input if coarse_input is not None else EMPTY,
         fine_input=EMPTY if shared or fine_input is None else fine_input,
+        image=volume.array,
     )
 
 
@@ -188,7 +197,13 @@ class FineStage(_Stage):
 
 
 class WholeCase(_Stage):
-    """Both stages of a case in one actor call (`segment_prepared`); returns the final mask."""
+    """Both stages of a case in one actor call (`segment_prepared`); returns the final mask (and
+    the probabilities, when asked)."""
+
+    def __init__(self, coarse: str | None, fine: str | None, engine: EngineConfig, threads: int = 1, gpu: bool = False,
+                 probabilities: bool = False) -> None:
+        super().__init__(coarse, fine, engine, threads, gpu)
+        self.probabilities = probabilities
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         if row.get("status") == STATUS_ERROR:
@@ -197,7 +212,7 @@ class WholeCase(_Stage):
             coarse_input = row["coarse_input"] if row["coarse_input"].size else None
             fine_input = coarse_input if row["shared_input"] else row["fine_input"] if row["fine_input"].size else None
             with _limit(row):
-                result = self.engine.segment_prepared(coarse_input, fine_input)
+                result = self.engine.segment_prepared(coarse_input, fine_input, self.probabilities)
         except CASE_FAILURES as err:  # one case's failure is its error row
             return _failed(row, "segment", err)
         row.update(self.node)
@@ -212,28 +227,59 @@ class WholeCase(_Stage):
             post_done=True,
         )
         box = bounding_box(result.mask, 0)
+        probabilities = {"probabilities": result.probabilities} if result.probabilities is not None else {}
         if box is None:  # the final mask is empty
             row.update(status=STATUS_NO_ORGAN, mask_at=None)
-            return _with_arrays(row)
+            return _with_arrays(row, **probabilities)
         row["mask_at"] = box.to_list()
-        return _with_arrays(row, mask_box=np.ascontiguousarray(result.mask[box.slices]))
+        return _with_arrays(row, mask_box=np.ascontiguousarray(result.mask[box.slices]), **probabilities)
 
 
-def finish_case(row: dict[str, Any], post_ratio: float) -> dict[str, Any]:
-    """CPU task: DeCrop, post-processing, label check, mask write, metrics -> the output row."""
+def finish_case(row: dict[str, Any], post_ratio: float, outputs: OutputConfig) -> dict[str, Any]:
+    """CPU task: DeCrop, post-processing, label check, the case's files, statistics, metrics -> the output row."""
     if row.get("status") != STATUS_ERROR:
         try:
             with _limit(row):
-                row = _finish(row, post_ratio)
+                row = _finish(row, post_ratio, outputs)
         except CASE_FAILURES as err:  # one case's failure is its error row
             row = _failed(row, "finish", err)
+    return _output_row(row)
+
+
+def complete_case(row: dict[str, Any], outputs: OutputConfig) -> dict[str, Any]:
+    """CPU task: the missing files of a case already segmented (`row["to_write"]`), from its
+    image and its existing mask; the row of the done attempt with them added."""
+    row = dict(row, started_at=time.time())
+    try:
+        start = time.perf_counter()
+        volume = read_volume(row["image_uri"], series_uid=row.get("series_uid") or None)
+        mask = read_volume(row["mask_uri"])
+        check_same_grid(mask, volume.shape, volume.affine)
+        row["t_read_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        row.update(write_case_files(_file_uris(row), mask.array.astype(np.uint8), volume, outputs,
+                                    version=algorithm_version(row.get("coarse_model"), row.get("fine_model")),
+                                    title=row["case_id"]))
+        row["t_write_s"] = time.perf_counter() - start
+    except CASE_FAILURES as err:  # one case's failure is its error row
+        row = _failed(row, "complete", err)
+    return _output_row(row)
+
+
+def _file_uris(row: dict[str, Any]) -> dict[str, str]:
+    """Kind -> URI of the files this row writes (`to_write`; their URIs are in the row)."""
+    return {kind: row[runs.OUTPUT_FILES[kind].column] for kind in row["to_write"]}
+
+
+def _output_row(row: dict[str, Any]) -> dict[str, Any]:
     finished = time.time()
     out = {name: row.get(name) for name in runs.COLUMNS if name in row}
     timings = [row.get(key) for key in runs.TIMING_KEYS]
+    failed = row.get("status") == STATUS_ERROR
+    out.update({f.column: None for f in runs.OUTPUT_FILES.values()} if failed else {})
     out.update(
         status=row.get("status") or STATUS_OK,
         label_uri=row.get("label_uri") or None,
-        mask_uri=row.get("mask_uri") if row.get("status") != STATUS_ERROR else None,
         t_total_s=float(sum(t for t in timings if t is not None)),
         t_wall_s=finished - row["started_at"] if row.get("started_at") else None,
         started_at=row.get("started_at"),
@@ -242,7 +288,7 @@ def finish_case(row: dict[str, Any], post_ratio: float) -> dict[str, Any]:
     return out
 
 
-def _finish(row: dict[str, Any], post_ratio: float) -> dict[str, Any]:
+def _finish(row: dict[str, Any], post_ratio: float, outputs: OutputConfig) -> dict[str, Any]:
     shape = tuple(row["shape"])
     start = time.perf_counter()
     if row.get("mask_at") is not None:
@@ -256,7 +302,7 @@ def _finish(row: dict[str, Any], post_ratio: float) -> dict[str, Any]:
         final, status = finish_mask(mask, post_ratio)
     row["t_post_s"] = (row.get("t_post_s") or 0.0) + time.perf_counter() - start
     affine = np.asarray(row["affine"], dtype=np.float64).reshape(4, 4)
-    like = Volume(array=np.broadcast_to(np.float32(0), shape), affine=affine, source=row["image_uri"])
+    volume = Volume(array=row["image"], affine=affine, source=row["image_uri"], meta=json.loads(row["seg_meta"]))
 
     start = time.perf_counter()
     reference = None
@@ -268,7 +314,9 @@ def _finish(row: dict[str, Any], post_ratio: float) -> dict[str, Any]:
 
     start = time.perf_counter()
     stamp = runs.mask_stamp(row.get("config_id"), row.get("run_id"), row.get("attempt"))
-    write_mask(row["mask_uri"], final, like=like, description=stamp)
+    probabilities = row["probabilities"] if row["probabilities"].size else None
+    row.update(write_case_files(_file_uris(row), final, volume, outputs, probabilities, stamp,
+                                algorithm_version(row.get("coarse_model"), row.get("fine_model")), row["case_id"]))
     row["t_write_s"] = time.perf_counter() - start
     if reference is not None:
         start = time.perf_counter()

@@ -693,9 +693,10 @@ def shown_uid(value: str) -> str:
 # Writing
 
 
-def nifti_bytes(array: np.ndarray, affine: np.ndarray, description: str = "") -> bytes:
+def nifti_bytes(array: np.ndarray, affine: np.ndarray, description: str = "", scale: float | None = None) -> bytes:
     """Gzipped NIfTI-1 of `array` with sform = `affine` (code 'scanner') and units mm;
-    `description` (at most 80 bytes) goes into the header's `descrip` field.
+    `description` (at most 80 bytes) goes into the header's `descrip` field; `scale`: the
+    stored values times `scale` are the data (`scl_slope`: uint8-quantised probabilities).
 
     The qform equals the sform (code 'scanner') whenever a qform can hold the affine. A
     quaternion cannot hold a shear (a gantry-tilted DICOM series): then the qform holds
@@ -711,12 +712,15 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, description: str = "") ->
         image.set_qform(affine, code=0)
     image.header.set_xyzt_units("mm")
     image.header["descrip"] = description.encode()[:80]
+    if scale is not None:
+        image.header.set_data_dtype(array.dtype)
+        image.header.set_slope_inter(scale, 0.0)
     return gzip.compress(image.to_bytes(), compresslevel=1)
 
 
-def write_nifti(uri: str, array: np.ndarray, affine: np.ndarray, description: str = "") -> None:
-    """Write a gzipped NIfTI at `uri`, whole or not at all."""
-    storage.write_bytes(uri, nifti_bytes(array, affine, description))
+def write_nifti(uri: str, array: np.ndarray, affine: np.ndarray, description: str = "", scale: float | None = None) -> None:
+    """Write a gzipped NIfTI at `uri`, whole or not at all (`nifti_bytes`)."""
+    storage.write_bytes(uri, nifti_bytes(array, affine, description, scale))
 
 
 def read_description(uri: str) -> str | None:

@@ -88,6 +88,7 @@ def test_jobs_are_one_liners_over_the_cli():
 ROOTS = {
     config.EngineConfig: config.EngineConfig(),
     config.Resources: config.Resources(),
+    config.OutputConfig: config.OutputConfig(),
     config.ArchiveJob: config.ArchiveJob(input="in", output="out", coarse=None, fine=None),
     config.CVJob: config.CVJob(data="d", output="o", train={}),
 }

@@ -15,8 +15,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RAY_FREE = [
     "config", "errors", "storage", "volumes", "preprocess", "model", "windows", "postprocess", "engine", "deadline",
-    "metrics", "synthetic", "bundle", "provenance", "sampling", "recipes", "archive", "runs", "query",
-    "report", "stages", "flags", "cli", "devices", "dicom_seg", "lease",
+    "metrics", "mask_stats", "synthetic", "bundle", "provenance", "sampling", "recipes", "archive", "runs", "query",
+    "report", "pictures", "case_files", "stages", "flags", "cli", "devices", "dicom_seg", "lease",
 ]
 RAY_LAYERS = ["cluster", "pipeline", "training", "cv"]
 

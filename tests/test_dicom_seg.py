@@ -63,7 +63,7 @@ def dataset(uri: str, **kwargs) -> pydicom.Dataset:
     return pydicom.dcmread(BytesIO(storage.read_bytes(uri)), **kwargs)
 
 
-def check_seg(seg_uri: Path | str, volume, mask: np.ndarray) -> None:
+def check_seg(seg_uri: Path | str, volume, mask: np.ndarray, version: str = VERSION) -> None:
     """The SEG at `seg_uri` is the mask over `volume`'s source series, frame by frame."""
     data = storage.read_bytes(str(seg_uri))
     ds = pydicom.dcmread(BytesIO(data))
@@ -84,7 +84,7 @@ def check_seg(seg_uri: Path | str, volume, mask: np.ndarray) -> None:
             segment.SegmentedPropertyCategoryCodeSequence[0].CodeMeaning) == ("91723000", "Anatomical Structure")
     assert segment.SegmentAlgorithmType == "AUTOMATIC" and segment.SegmentAlgorithmName == ALGORITHM
     assert segment.SegmentLabel == "pancreas"
-    assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == VERSION
+    assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == version
 
     # Every frame: derived from one source instance, at that instance's own position (read from
     # the source file, not from the volume), holding the mask's slice at that instance's k.

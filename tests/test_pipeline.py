@@ -25,7 +25,7 @@ from ray_cluster import ray_cluster_fixture, ray_driver_fixture  # noqa: F401  (
 from resdsn_ray import runs, storage
 from resdsn_ray.bundle import CONFIG_FILE, demo_bundle_uri, load_bundle, save_bundle
 from resdsn_ray.cluster import fit_cpus
-from resdsn_ray.config import DEMO_ENGINE, ArchiveJob, EngineConfig, ModelConfig, Resources, WindowConfig
+from resdsn_ray.config import DEMO_ENGINE, ArchiveJob, EngineConfig, ModelConfig, OutputConfig, Resources, WindowConfig
 from resdsn_ray.devices import resolve_precision
 from resdsn_ray.engine import CoarseToFine
 from resdsn_ray.errors import InputError
@@ -237,10 +237,10 @@ def test_single_stage_modes_run_through_the_stage_functions(ray_driver, archive,
     coarse_only = replace(ENGINE, mode="coarse")
     bundle = load_bundle(bundles["coarse"])
     uri = f"{archive}/imagesTr/case_0000.nii.gz"
-    row = read_case({"case_id": "c0", "image_uri": uri, "label_uri": "", "mask_uri": f"{bucket}/modes/c0.nii.gz"},
-                    coarse=bundle.preprocess, fine=None)
+    row = read_case({"case_id": "c0", "image_uri": uri, "label_uri": "", "mask_uri": f"{bucket}/modes/c0.nii.gz",
+                     "to_write": ["mask"]}, coarse=bundle.preprocess, fine=None)
     row = WholeCase(bundles["coarse"], None, coarse_only)(row)
-    out = finish_case(row, coarse_only.post_ratio)
+    out = finish_case(row, coarse_only.post_ratio, OutputConfig())
     expected = CoarseToFine(bundle, None, coarse_only).segment(read_volume(uri))
     assert out["status"] == expected.status and out["fine_windows"] == 0 and out["coarse_windows"] > 0
     np.testing.assert_array_equal(np.asanyarray(load_mask(out["mask_uri"]).dataobj), expected.mask)

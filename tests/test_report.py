@@ -18,7 +18,7 @@ import pytest
 from metrics_output import OUT_OF_MEMORY, SHAPE, Spec, build_output, prediction, write_run
 from scipy import ndimage
 
-from resdsn_ray import config, query, report
+from resdsn_ray import config, pictures, query, report
 from resdsn_ray.cli import main
 from resdsn_ray.synthetic import make_case
 from resdsn_ray.volumes import read_volume
@@ -90,7 +90,7 @@ def colour_shares(picture: np.ndarray) -> dict[str, float]:
 def test_overlay_colours_slice_and_orientation() -> None:
     image, label, affine = make_case(7, SHAPE, orientation="RAS")
     mask = prediction(label, (2, 1, 1))  # grown: more green than red, so swapped colours show
-    picture, k = report.overlay(image, label, mask, affine)
+    picture, k = pictures.overlay(image, label, mask, affine)
     assert k == np.bincount(np.nonzero(label)[2], minlength=SHAPE[2]).argmax()
     truth, pred = label[:, :, k] > 0, mask[:, :, k] > 0
     expected = {"red": np.mean(truth & ~pred), "green": np.mean(pred & ~truth), "yellow": np.mean(truth & pred)}
@@ -98,8 +98,8 @@ def test_overlay_colours_slice_and_orientation() -> None:
     assert colour_shares(picture) == pytest.approx(expected, abs=1e-12)
     # RAS voxels: i runs to the patient's right, j anterior. Screen: right on the left, anterior up.
     rows, cols = picture.shape[0] // SHAPE[1], picture.shape[1] // SHAPE[0]
-    assert picture.shape[:2] == (SHAPE[1] * rows, SHAPE[0] * cols) and min(picture.shape[:2]) >= report.MIN_SIDE_PX
-    low, high = report.WINDOW_HU
+    assert picture.shape[:2] == (SHAPE[1] * rows, SHAPE[0] * cols) and min(picture.shape[:2]) >= pictures.MIN_SIDE_PX
+    low, high = pictures.WINDOW_HU
     grey = np.clip((image[:, :, k] - low) / (high - low), 0, 1)[::-1, ::-1].T
     plain = ~(truth | pred)[::-1, ::-1].T
     shown = picture[::rows, ::cols]
@@ -109,12 +109,12 @@ def test_overlay_colours_slice_and_orientation() -> None:
 @pytest.mark.parametrize("orientation", ["LPS", "LAS", "RPI"])
 def test_overlay_is_the_same_picture_in_any_orientation(orientation: str) -> None:
     """The same patient stored with flipped axes draws the same picture (masks made in world space)."""
-    pictures = []
+    drawn = []
     for code in ("RAS", orientation):
         image, label, affine = make_case(11, SHAPE, orientation=code)
         mask = ndimage.binary_dilation(label).astype(np.uint8)  # symmetric, so the same in any axis order
-        pictures.append(report.overlay(image, label, mask, affine)[0])
-    assert np.array_equal(*pictures)
+        drawn.append(pictures.overlay(image, label, mask, affine)[0])
+    assert np.array_equal(*drawn)
 
 
 def test_report_page_contents(output: Path, page_file: Path) -> None:
@@ -144,10 +144,21 @@ def test_report_page_contents(output: Path, page_file: Path) -> None:
             {"red": np.mean(truth & ~pred), "green": np.mean(pred & ~truth), "yellow": np.mean(truth & pred)}, abs=1e-12)
     assert {"dsc-by-mode.png", "dsc-by-fold.png"} <= set(page.images)
     # the per-case table: every current case, by DSC ascending, overlays linked
-    cases = next(t for t in page.tables if t[0][0] == "case_id")
+    cases = next(t for t in page.tables if t[0][:2] == ["case_id", "mode"] and "dsc" in t[0])
     assert len(cases) - 1 == len(latest)
     dscs = [float(r[4]) for r in cases[1:] if r[4] != "-"]
     assert dscs == sorted(dscs) and len(dscs) == latest.dsc.notna().sum()
+    # throughput per node over every attempt that did work; time per stage and the slowest cases over the latest rows
+    worked = frame[frame.status != "skipped"]
+    nodes = next(t for t in page.tables if t[0][0] == "node")
+    assert {r[0]: (int(r[1]), int(r[2])) for r in nodes[1:]} == {
+        node: (len(group), int((group.status == "error").sum())) for node, group in worked.groupby("node")}
+    stages = next(t for t in page.tables if t[0][0] == "stage")
+    assert [r[:2] for r in stages[1:]] == [["read", str(latest.t_read_s.notna().sum())], ["total", str(latest.t_total_s.notna().sum())]]
+    slow = next(t for t in page.tables if t[0][:4] == ["case_id", "mode", "status", "t_wall_s"])
+    expected = latest[latest.t_total_s.notna()].sort_values("t_total_s", ascending=False, kind="stable").head(report.SLOWEST)
+    assert [float(r[4]) for r in slow[1:]] == pytest.approx(list(expected.t_total_s))
+    assert "throughput.png" in page.images
     # errors with their reasons, escaped; provenance in <details>, escaped
     errors = next(t for t in page.tables if t[0] == ["case_id", "mode", "run_id", "reason"])
     assert sorted(r[3] for r in errors[1:]) == sorted(latest[latest.status == "error"].error)
@@ -166,7 +177,14 @@ def test_report_without_labels_or_with_only_errors(tmp_path: Path) -> None:
     unlabelled = tmp_path / "unlabelled"
     write_run(unlabelled, "r1", "c2f", [Spec(1, labelled=False), Spec(2, labelled=False)], day=0)
     text = Path(report.build_report(str(unlabelled))).read_text()
-    assert "no overlays" in text and "no case has a DSC" in text and "<img" not in text
+    assert "no overlays" in text and "no case has a DSC" in text
+    # the predictions alone: the largest and the smallest (no volumes in these rows: by case id), and the throughput
+    page = Page(text)
+    assert page.images == ["overlay-largest-c2f-case_0001.png", "overlay-smallest-c2f-case_0002.png", "throughput.png"]
+    assert [c.split(",")[0] for c in page.captions[:2]] == ["largest: case_0001 (ResDSN C2F)", "smallest: case_0002 (ResDSN C2F)"]
+    drawn = matplotlib.image.imread(unlabelled / "report" / page.images[0])[..., :3]
+    shares = colour_shares(drawn)
+    assert shares["green"] > 0 and shares["red"] == shares["yellow"] == 0  # prediction only
 
     failed = tmp_path / "failed"
     write_run(failed, "r1", "coarse", [Spec(1, status=config.STATUS_ERROR, error="bad <dicom>")], day=0)
@@ -182,7 +200,7 @@ def test_report_of_selected_runs_and_bad_input(output: Path, tmp_path: Path, cap
     assert main(["report", str(output), "--run", "cv7", "--html", str(html_file)]) == 0
     assert capsys.readouterr().out == f"wrote {html_file}\n"
     page = Page(html_file.read_text())
-    cases = next(t for t in page.tables if t[0][0] == "case_id")
+    cases = next(t for t in page.tables if t[0][:2] == ["case_id", "mode"] and "dsc" in t[0])
     assert {r[8] for r in cases[1:]} == {"cv7-fold0-c2f", "cv7-fold0-coarse", "cv7-fold1-c2f", "cv7-fold1-coarse"}
     assert all((html_file.parent / image).is_file() for image in page.images)
     assert main(["report", str(tmp_path / "empty")]) == 2
@@ -198,7 +216,7 @@ def test_report_of_an_s3_output(output: Path, s3_bucket: str) -> None:
     uri = report.build_report(f"{s3_bucket}/out")
     assert uri == f"{s3_bucket}/out/report/index.html"
     page = Page(fs.cat_file(uri).decode())
-    assert len(page.images) == 5  # two plots, three overlays (images and labels stay local)
+    assert len(page.images) == 7  # two plots, four overlays, the throughput (images and labels stay local)
     assert all(fs.exists(f"{s3_bucket}/out/report/{unquote(image)}") for image in page.images)
 
 
@@ -269,11 +287,13 @@ def render_in_chromium(browser, base: str, page_name: str) -> dict:
 @pytest.mark.parametrize("kind", ["full", "errors only"])
 def test_report_renders_in_chromium(browser, serve, output: Path, page_file: Path, tmp_path: Path, kind: str) -> None:
     if kind == "full":
-        folder, expected_images, expected_png_links = page_file.parent, 5, 8  # + overlay links in the case table
+        # two DSC plots, three QA overlays, one unlabelled prediction, the throughput; links: plots' captions,
+        # the overlays' images and the case table's overlay links
+        folder, expected_images, expected_png_links = page_file.parent, 7, 10
     else:
         failed = tmp_path / "failed"
         write_run(failed, "r1", "c2f", [Spec(1, status=config.STATUS_ERROR, error="<img src=x onerror=alert(1)>")], day=0)
-        folder, expected_images, expected_png_links = Path(report.build_report(str(failed))).parent, 0, 0
+        folder, expected_images, expected_png_links = Path(report.build_report(str(failed))).parent, 1, 0  # the throughput
     seen = render_in_chromium(browser, serve(folder), "index.html")
     assert seen["problems"] == [] and seen["outside"] == []
     assert len(seen["images"]) == expected_images

@@ -39,7 +39,7 @@ def test_each_mode_keeps_its_own_masks_and_done_cases(tmp_path: Path):
     assert c2f.is_done("a", "C") and not c2f.is_done("b", "C")
     assert coarse.is_done("a", "K") and coarse.is_done("b", "K")
     assert not coarse.is_done("a", "C")  # other settings: recompute
-    assert runs.existing_masks(str(out), "c2f") == {"a"}  # the mode folders are not cases
+    assert runs.existing_files(str(out), "mask", "c2f") == {"a"}  # the mode folders are not cases
 
 
 def test_a_later_failure_or_a_missing_mask_means_not_done(tmp_path: Path):

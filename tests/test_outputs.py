@@ -1,0 +1,118 @@
+"""What the archive job writes per case besides the NIfTI mask, on the real DICOM series
+(`../shared/data`) and a NIfTI case: a DICOM SEG on the source slices, the probability map on
+the input grid, the preview PNG, the statistics columns; and what a rerun does: the same
+settings skip every case, an added --preview writes only the previews."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from ray_cluster import ray_cluster_fixture, ray_driver_fixture  # noqa: F401  (session fixtures)
+from test_dicom_seg import check_seg
+
+from resdsn_ray import runs
+from resdsn_ray.bundle import load_bundle, save_bundle
+from resdsn_ray.case_files import ALGORITHM, NO_SEG, algorithm_version
+from resdsn_ray.cli import main
+from resdsn_ray.config import ModelConfig
+from resdsn_ray.model import build_model
+from resdsn_ray.synthetic import make_case
+from resdsn_ray.volumes import read_volume, write_nifti
+
+pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+DICOM_CASE, NIFTI_CASE = "sts_001", "phantom"
+
+
+@pytest.fixture(scope="module")
+def setup(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An archive of the real series and one phantom, and small random bundles (fast on 2 cores)."""
+    root = tmp_path_factory.mktemp("outputs")
+    archive = root / "archive"
+    shutil.copytree(shared_data / "ct" / "sts_001" / "CT" / "dicom" / "image", archive / DICOM_CASE)
+    image, _, affine = make_case(4, (40, 40, 24), orientation="LPS")
+    write_nifti(str(archive / f"{NIFTI_CASE}.nii.gz"), image, affine)
+    bundles = {}
+    for seed, stage in enumerate(("coarse", "fine")):
+        torch.manual_seed(seed)
+        bundles[stage] = str(root / "bundles" / stage)
+        save_bundle(bundles[stage], build_model("resdsn", width=4), ModelConfig(width=4, patch=16), stage)
+    return {"archive": str(archive), "output": str(root / "out"), **bundles}
+
+
+def archive_run(setup: dict[str, str], *flags: str) -> list[dict]:
+    argv = ["archive", "--input", setup["archive"], "--output", setup["output"], "--coarse", setup["coarse"],
+            "--fine", setup["fine"], "--n-coarse", "0", "--n-fine", "0", "--device", "cpu",
+            "--output-format", "both", "--save-probabilities", "uint8", *flags]
+    assert main(argv) == 0
+    rows = runs.read_rows(setup["output"]).to_pylist()
+    last = max(r["run_id"] for r in rows)
+    return sorted((r for r in rows if r["run_id"] == last), key=lambda r: r["case_id"])
+
+
+def mtimes(folder: str) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def test_outputs_and_reruns(ray_driver, setup):
+    first = {r["case_id"]: r for r in archive_run(setup)}
+    assert {r["status"] for r in first.values()} <= {"ok", "no_organ"}, [r["error"] for r in first.values()]
+    dicom, nifti = first[DICOM_CASE], first[NIFTI_CASE]
+    volume = read_volume(dicom["image_uri"], series_uid=dicom["series_uid"] or None)
+    mask = read_volume(dicom["mask_uri"]).array.astype(np.uint8)
+    assert mask.any(), "the small random bundles must find something in the real series"
+
+    # DICOM SEG: loads back, references the source series and instances, one frame per source slice
+    assert dicom["seg_uri"] == runs.file_uri(setup["output"], "seg", DICOM_CASE) and dicom["note"] is None
+    version = algorithm_version(load_bundle(setup["coarse"]).id, load_bundle(setup["fine"]).id)
+    assert version.startswith("resdsn_ray ") or ALGORITHM in version or "coarse=" in version
+    check_seg(dicom["seg_uri"], volume, mask, version=version)
+
+    # probabilities on the input grid; the mask's voxels are the confident ones (uint8: 1/255 steps)
+    probabilities = read_volume(dicom["probabilities_uri"])
+    assert probabilities.shape == volume.shape and np.allclose(probabilities.affine, volume.affine, atol=1e-4)
+    assert 0.0 <= probabilities.array.min() and probabilities.array.max() <= 1.0
+    assert probabilities.array[mask > 0].min() >= 0.5 - 1 / 255
+
+    # statistics, worked out here from the mask and the image
+    voxel_ml = abs(np.linalg.det(volume.affine[:3, :3])) / 1000
+    assert dicom["pred_volume_ml"] == pytest.approx(mask.sum() * voxel_ml)
+    assert dicom["mask_hu_mean"] == pytest.approx(volume.array[mask > 0].mean(), rel=1e-6)
+    assert dicom["mask_hu_std"] == pytest.approx(volume.array[mask > 0].std(), rel=1e-5)
+    ijk = np.argwhere(mask)
+    world = np.array([[*v, 1.0] for v in (ijk.min(axis=0), ijk.max(axis=0))]) @ volume.affine.T
+    low = volume.affine[:3, :3] @ ijk.min(axis=0) + volume.affine[:3, 3]
+    high = volume.affine[:3, :3] @ ijk.max(axis=0) + volume.affine[:3, 3]
+    assert dicom["bbox_ras_mm"] == pytest.approx([*np.minimum(low, high), *np.maximum(low, high)])
+    assert world.shape == (2, 4)
+
+    # the NIfTI case: a NIfTI mask, no SEG, and the row says why
+    assert nifti["seg_uri"] is None and nifti["note"] == NO_SEG
+    assert not list(Path(setup["output"], "segs").glob(f"{NIFTI_CASE}*"))
+    assert read_volume(nifti["probabilities_uri"]).shape == read_volume(nifti["image_uri"]).shape
+    assert all(r["preview_uri"] is None for r in first.values())
+
+    # the same settings again: every case skipped, nothing rewritten
+    before = mtimes(setup["output"] + "/masks") | mtimes(setup["output"] + "/segs") | mtimes(setup["output"] + "/probabilities")
+    again = archive_run(setup)
+    assert [r["status"] for r in again] == ["skipped", "skipped"]
+
+    # --preview added: only the previews are written, by rows of the same attempts
+    added = {r["case_id"]: r for r in archive_run(setup, "--preview")}
+    assert {r["status"] for r in added.values()} == {first[c]["status"] for c in added}
+    for case, row in added.items():
+        assert row["done_in_run"] == first[case]["run_id"] and row["attempt"] == first[case]["attempt"]
+        assert row["dsc"] == first[case]["dsc"] and row["mask_hu_mean"] == pytest.approx(first[case]["mask_hu_mean"])
+        picture = matplotlib.image.imread(row["preview_uri"])
+        assert picture.ndim == 3 and picture.shape[0] > 100 and picture.shape[1] > 300
+    after = mtimes(setup["output"] + "/masks") | mtimes(setup["output"] + "/segs") | mtimes(setup["output"] + "/probabilities")
+    assert after == before
+    assert sorted(os.listdir(Path(setup["output"]) / "previews")) == [f"{DICOM_CASE}.png", f"{NIFTI_CASE}.png"]
+    # and the rows that added them are trusted by the next run
+    assert [r["status"] for r in archive_run(setup, "--preview")] == ["skipped", "skipped"]
