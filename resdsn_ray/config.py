@@ -139,6 +139,9 @@ class EngineConfig(Settings):
 # The demo archive job (and the CV's demo preset) must finish in minutes on a 2-core laptop:
 # fewer overlapping windows than the paper's n = 6 / 12, unless --n-coarse / --n-fine are given.
 DEMO_ENGINE = EngineConfig(coarse=WindowConfig(n=2), fine=WindowConfig(n=4))
+# `--fast`: a first look at an archive, like TotalSegmentator's --fast: the fewest windows that
+# still cover the volume coarsely and overlap the organ's box a little (its DSC cost: README).
+FAST_ENGINE = EngineConfig(coarse=WindowConfig(n=0), fine=WindowConfig(n=2))
 
 
 def mask_settings(engine: EngineConfig) -> dict[str, Any]:
