@@ -81,7 +81,7 @@ def main() -> None:
             masks[name] = result.mask > 0
             windows[name].append(result.coarse_windows + result.fine_windows)
             scores[name].append(case_metrics(masks[name], label > 0, volume.spacing)["dsc"])
-        line = f"case {index}: " + "  ".join(f"{name} {scores[name][-1]:.4f}" for name in engines)
+        line = f"case {index}: " + "  ".join(f"{name} {scores[name][-1]:.4f} ({seconds[name][-1]:.1f} s)" for name in engines)
         if not args.fast:
             parity.append(case_metrics(masks["c2f"], masks[REFERENCE], volume.spacing)["dsc"])
             line += f"  | c2f vs fp32 mask DSC {parity[-1]:.5f}"

@@ -35,6 +35,7 @@ Status = Literal["ok", "no_organ", "error", "skipped"]
 STATUS_OK, STATUS_NO_ORGAN, STATUS_ERROR, STATUS_SKIPPED = typing.get_args(Status)
 FINISHED: tuple[Status, ...] = (STATUS_OK, STATUS_NO_ORGAN)
 
+PROGRESS_EVERY_S = 10.0  # a progress line this often where lines cannot be rewritten (logs, `ray job logs`)
 MAX_WIDTH = 256  # a bundle asking for more is refused before anything is allocated
 MAX_PATCH = 512
 
@@ -245,7 +246,7 @@ class ArchiveJob(Settings):
     fold: int | None = None
     flush_rows: int = 32
     flush_s: float = 15.0
-    progress_s: float = 10.0
+    progress_s: float = PROGRESS_EVERY_S
     lease_heartbeat_s: float = 30.0  # one writer per output: the run renews its lease this often (stale after 4)
     hold_output: bool = True  # False: the caller holds the output's lease (a cross-validation, for its folds)
 

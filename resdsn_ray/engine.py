@@ -31,6 +31,9 @@ from resdsn_ray.windows import Box, bounding_box, decrop, plan_windows, sliding_
 if TYPE_CHECKING:  # the engine runs without the readers (nibabel, pydicom): a bare GPU box needs torch only
     from resdsn_ray.volumes import Volume
 
+# What the engine tells a caller as a stage runs: (stage, windows done, windows of the stage).
+WindowCallback = Callable[[str, int, int], None]
+
 # Host-to-device copies go in slabs of about this size, so the first windows compute while the
 # rest of the volume is still on its way.
 SLAB_BYTES = 16 << 20
@@ -86,27 +89,28 @@ class CoarseToFine:
             if bundle is not None:  # in place: engines sharing a bundle share its layout (the last one's)
                 bundle.model.to(self.device, memory_format=self.memory_format).eval()
 
-    def segment(self, volume: Volume) -> Segmentation:
+    def segment(self, volume: Volume, progress: WindowCallback | None = None) -> Segmentation:
         start = time.perf_counter()
         coarse_cfg = self.coarse.preprocess if self.config.mode != "fine" and self.coarse else None
         fine_cfg = self.fine.preprocess if self.config.mode != "coarse" and self.fine else None
         coarse_input, fine_input = prepare_inputs(volume.array, coarse_cfg, fine_cfg)
         seconds = time.perf_counter() - start
-        result = self.segment_prepared(coarse_input, fine_input)
+        result = self.segment_prepared(coarse_input, fine_input, progress)
         result.timings = {"preprocess": seconds, **result.timings}
         return result
 
-    def segment_prepared(self, coarse_input: np.ndarray | None, fine_input: np.ndarray | None) -> Segmentation:
+    def segment_prepared(self, coarse_input: np.ndarray | None, fine_input: np.ndarray | None,
+                         progress: WindowCallback | None = None) -> Segmentation:
         """`segment` on inputs already preprocessed for each stage's bundle (`prepare_inputs`)."""
         timings: dict[str, float] = {}
         if self.config.mode == "fine":
             assert fine_input is not None
-            mask, windows, timings["fine"] = self.run_stage("fine", fine_input)
+            mask, windows, timings["fine"] = self.run_stage("fine", fine_input, progress)
             return self._finish(mask, Segmentation(mask=mask, status=STATUS_OK, fine_windows=windows), timings)
 
         assert coarse_input is not None
         shape = tuple(coarse_input.shape)
-        scores, coarse_windows, timings["coarse"] = self.run_stage("coarse", coarse_input)
+        scores, coarse_windows, timings["coarse"] = self.run_stage("coarse", coarse_input, progress)
         result = Segmentation(mask=scores, status=STATUS_OK, coarse_windows=coarse_windows)
         if self.config.mode == "coarse":
             return self._finish(scores, result, timings)
@@ -120,12 +124,13 @@ class CoarseToFine:
             result.status = STATUS_NO_ORGAN
             result.timings = timings
             return result
-        fine_scores, result.fine_windows, timings["fine"] = self.run_stage("fine", fine_input[box.slices])
+        fine_scores, result.fine_windows, timings["fine"] = self.run_stage("fine", fine_input[box.slices], progress)
         result.box = box
         # DeCrop (Eq. 5): outside the box the coarse mask is empty by construction of the box.
         return self._finish(decrop(fine_scores, box, shape), result, timings)
 
-    def run_stage(self, stage: str, image: np.ndarray | torch.Tensor) -> tuple[np.ndarray, int, float]:
+    def run_stage(self, stage: str, image: np.ndarray | torch.Tensor,
+                  progress: WindowCallback | None = None) -> tuple[np.ndarray, int, float]:
         """One stage over a preprocessed image (whole volume or crop): boolean mask, windows, seconds.
 
         Public so that a scheduler can run the two stages in different processes (the archive
@@ -136,11 +141,12 @@ class CoarseToFine:
             raise ValueError(f"this engine has no {stage} bundle")
         start = time.perf_counter()
         window = self.config.coarse if stage == "coarse" else self.config.fine
+        told = (lambda done, total: progress(stage, done, total)) if progress else None
         if self.device.type == "cuda" and isinstance(image, np.ndarray):
             upload = SlabUpload(image, self.device)
-            mask, windows = self._run(bundle, upload.tensor, window, upload.ensure)
+            mask, windows = self._run(bundle, upload.tensor, window, upload.ensure, told)
         else:
-            mask, windows = self._run(bundle, torch.as_tensor(image).to(self.device), window)
+            mask, windows = self._run(bundle, torch.as_tensor(image).to(self.device), window, progress=told)
         return mask, windows, self._elapsed(start)
 
     def locate(self, coarse_mask: np.ndarray) -> Box | None:
@@ -155,7 +161,8 @@ class CoarseToFine:
         return result
 
     def _run(self, bundle: Bundle, image: torch.Tensor, window: WindowConfig,
-             ready: Callable[[int], None] | None = None) -> tuple[np.ndarray, int]:
+             ready: Callable[[int], None] | None = None,
+             progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, int]:
         """Sliding-window scores of one stage, thresholded to a boolean mask, and the window count."""
         patch = bundle.model_config.patch
         model = bundle.model
@@ -177,6 +184,7 @@ class CoarseToFine:
                 batch_size=window.batch_size,
                 accumulate_device=accumulate,
                 ready=ready,
+                progress=progress,
                 # One batch shape on CUDA (cuDNN autotuning, torch.compile); on a CPU the spare
                 # windows would cost more than oneDNN's few ms for a new shape.
                 fixed_batch=self.device.type == "cuda",
