@@ -8,7 +8,11 @@ settings (precision and channels-last "auto", resolved as printed), and for C2F 
 mean seconds per case (paper Tables 2 and 5); then, per case, the DSC of the default C2F mask against the fp32 one. Parity goals:
 >= 0.99 on every case, mean DSC against the ground truth lower by <= 0.002. From one run.
 
-    python bench/accuracy.py [--coarse B --fine B] [--family demo|hard] [--cases 8] [--seed 777] [--precision bf16]
+With `--fast`: C2F with the paper's windows (or --n-coarse / --n-fine) against C2F with
+`config.FAST_ENGINE`'s (`--fast` of `resdsn segment` / `archive`): the DSC each gets and the
+speed-up, the figures the README prints.
+
+    python bench/accuracy.py [--coarse B --fine B] [--family demo|hard] [--cases 8] [--seed 777] [--precision bf16] [--fast]
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import numpy as np
 import torch
 
 from resdsn_ray.bundle import demo_bundle_uri, load_bundle
-from resdsn_ray.config import DEFAULT_FAMILY, FAMILY_NAMES, STATUS_NO_ORGAN, EngineConfig, WindowConfig, choices
+from resdsn_ray.config import DEFAULT_FAMILY, FAMILY_NAMES, FAST_ENGINE, STATUS_NO_ORGAN, EngineConfig, WindowConfig, choices
 from resdsn_ray.engine import CoarseToFine
 from resdsn_ray.metrics import case_metrics
 from resdsn_ray.synthetic import family_case
 from resdsn_ray.volumes import Volume
 
 REFERENCE = "c2f fp32"
+FAST = "c2f fast"
 
 
 def main() -> None:
@@ -43,25 +48,31 @@ def main() -> None:
     parser.add_argument("--channels-last", choices=choices(EngineConfig, "channels_last"), default=paper.channels_last)
     parser.add_argument("--n-coarse", type=int, default=paper.coarse.n)
     parser.add_argument("--n-fine", type=int, default=paper.fine.n)
+    parser.add_argument("--fast", action="store_true", help="compare C2F with --fast's windows instead of the modes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    def build(mode: str, **settings: str) -> CoarseToFine:
+    def build(mode: str, windows: EngineConfig | None = None, **settings: str) -> CoarseToFine:
         # Bundles loaded per engine: an engine sets its models' memory layout in place.
-        config = EngineConfig(coarse=WindowConfig(n=args.n_coarse), fine=WindowConfig(n=args.n_fine), mode=mode,
-                              device="cpu", **settings)
+        coarse, fine = (windows.coarse, windows.fine) if windows else (WindowConfig(n=args.n_coarse), WindowConfig(n=args.n_fine))
+        config = EngineConfig(coarse=coarse, fine=fine, mode=mode, device="cpu", **settings)
         return CoarseToFine(load_bundle(args.coarse), load_bundle(args.fine), config)
 
-    fast = {"precision": args.precision, "channels_last": args.channels_last}
-    engines = {mode: build(mode, **fast) for mode in ("c2f", "coarse", "fine")}
-    engines[REFERENCE] = build("c2f", precision="fp32", channels_last="off")
+    defaults = {"precision": args.precision, "channels_last": args.channels_last}
+    if args.fast:
+        engines = {"c2f": build("c2f", **defaults), FAST: build("c2f", FAST_ENGINE, **defaults)}
+    else:
+        engines = {mode: build(mode, **defaults) for mode in ("c2f", "coarse", "fine")}
+        engines[REFERENCE] = build("c2f", precision="fp32", channels_last="off")
     c2f = engines["c2f"]
-    print(f"windows n = {args.n_coarse} / {args.n_fine}; engine settings {fast} -> {c2f.precision}, "
-          f"{'channels-last' if c2f.channels_last else 'contiguous'}")
+    print(f"windows n = {args.n_coarse} / {args.n_fine}"
+          + (f" (--fast: {FAST_ENGINE.coarse.n} / {FAST_ENGINE.fine.n})" if args.fast else "")
+          + f"; engine settings {defaults} -> {c2f.precision}, {'channels-last' if c2f.channels_last else 'contiguous'}")
     scores: dict[str, list[float]] = {name: [] for name in engines}
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     no_organ: dict[str, int] = {name: 0 for name in engines}
     parity: list[float] = []
+    windows: dict[str, list[int]] = {name: [] for name in engines}
     for index in range(args.cases):
         image, label, affine = family_case(args.family, args.seed, index)
         volume = Volume(array=image.astype(np.float32), affine=affine, source=f"synthetic:{args.family}/{args.seed}/{index}")
@@ -72,16 +83,23 @@ def main() -> None:
             seconds[name].append(time.perf_counter() - start)
             masks[name] = result.mask > 0
             no_organ[name] += result.status == STATUS_NO_ORGAN
+            windows[name].append(result.coarse_windows + result.fine_windows)
             scores[name].append(case_metrics(masks[name], label > 0, volume.spacing)["dsc"])
-        parity.append(case_metrics(masks["c2f"], masks[REFERENCE], volume.spacing)["dsc"])
-        print(f"case {index}: " + "  ".join(f"{name} {scores[name][-1]:.4f}" for name in engines)
-              + f"  | c2f vs fp32 mask DSC {parity[-1]:.5f}", flush=True)
+        line = f"case {index}: " + "  ".join(f"{name} {scores[name][-1]:.4f} ({seconds[name][-1]:.1f} s)" for name in engines)
+        if not args.fast:
+            parity.append(case_metrics(masks["c2f"], masks[REFERENCE], volume.spacing)["dsc"])
+            line += f"  | c2f vs fp32 mask DSC {parity[-1]:.5f}"
+        print(line, flush=True)
     print(f"{args.family} family, {args.cases} cases of seed {args.seed}")
-    print(f"{'mode':>9} {'mean DSC':>17} {'min':>7} {'max':>7} {'no_organ':>8} {'s/case':>7}")
-    for name in ("c2f", REFERENCE, "coarse", "fine"):
+    print(f"{'mode':>9} {'mean DSC':>17} {'min':>7} {'max':>7} {'no_organ':>8} {'s/case':>7} {'windows':>8}")
+    for name in engines:
         dsc = np.array(scores[name])
         print(f"{name:>9} {dsc.mean():.4f} +- {dsc.std():.4f} {dsc.min():7.4f} {dsc.max():7.4f} {no_organ[name]:8d} "
-              f"{np.mean(seconds[name]):7.2f}")
+              f"{np.mean(seconds[name]):7.2f} {np.mean(windows[name]):8.0f}")
+    if args.fast:
+        print(f"--fast: mean DSC lower by {np.mean(scores['c2f']) - np.mean(scores[FAST]):+.4f}, time per case "
+              f"{np.mean(seconds['c2f']) / np.mean(seconds[FAST]):.0f}x faster")
+        return
     drop = np.mean(scores[REFERENCE]) - np.mean(scores["c2f"])
     print(f"parity of the defaults with fp32 (C2F): mask DSC min {min(parity):.5f}, mean {np.mean(parity):.5f} "
           f"(goal >= 0.99 per case); mean DSC against the ground truth lower by {drop:+.5f} (goal <= 0.002); "

@@ -14,7 +14,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from resdsn_ray.config import (
     DEFAULT_FAMILY,
     DEMO_ENGINE,
     FAMILY_NAMES,
+    FAST_ENGINE,
     STAGES,
     STATUS_ERROR,
     ArchiveJob,
@@ -84,6 +85,21 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
            help="a PNG of three orthogonal slices through the mask's centre, the mask over the CT")
 
 
+def add_fast_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fast", action="store_true",
+                        help=f"a first look: windows n = {FAST_ENGINE.coarse.n} (coarse) / {FAST_ENGINE.fine.n} (fine) "
+                             "unless --n-coarse / --n-fine are given; its DSC cost: README")
+
+
+def engine_settings(args: argparse.Namespace, base: EngineConfig) -> EngineConfig:
+    """The engine the flags ask for: `base` (or `--fast`'s) with every given engine flag put in."""
+    return settings(args, FAST_ENGINE if args.fast else base)
+
+
+def add_quiet_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines; results and errors only")
+
+
 def add_bundle_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coarse", help="coarse model bundle URI (required but for the demo)")
     parser.add_argument("--fine", help="fine model bundle URI (required but for the demo)")
@@ -132,10 +148,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from resdsn_ray.case_files import algorithm_version, sibling_uris, write_case_files
     from resdsn_ray.engine import CoarseToFine
     from resdsn_ray.metrics import case_metrics
+    from resdsn_ray.progress import WindowProgress
     from resdsn_ray.runs import asked_files
     from resdsn_ray.volumes import check_same_grid, read_volume
 
-    config = settings(args, EngineConfig())
+    config = engine_settings(args, EngineConfig())
     outputs = settings(args, OutputConfig())
     coarse = load_bundle(bundle_uri(args.coarse, "coarse", args.demo_models), allow_unfit=args.allow_unfit) \
         if config.mode != "fine" else None
@@ -147,7 +164,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     reference = read_volume(args.label) if args.label else None
     if reference is not None:
         check_same_grid(reference, volume.shape, volume.affine)  # before any work: a bad label is refused up front
-    result = CoarseToFine(coarse, fine, config).segment(volume, probabilities=outputs.probabilities != "none")
+    result = CoarseToFine(coarse, fine, config).segment(volume, probabilities=outputs.probabilities != "none",
+                                                        progress=None if args.quiet else WindowProgress())
     start = time.perf_counter()
     uris = sibling_uris(args.out, asked_files(outputs, volume.meta.get("format") == "dicom"))
     files = write_case_files(uris, result.mask, volume, outputs, result.probabilities,
@@ -189,23 +207,24 @@ def cmd_archive(args: argparse.Namespace) -> int:
     from resdsn_ray.query import latest, summarise
 
     demo = args.input is None
-    engine = settings(args, DEMO_ENGINE if demo else EngineConfig())
+    engine = engine_settings(args, DEMO_ENGINE if demo else EngineConfig())
     demo_models = demo or args.demo_models
     coarse = bundle_uri(args.coarse, "coarse", demo_models) if engine.mode != "fine" else None
     fine = bundle_uri(args.fine, "fine", demo_models) if engine.mode != "coarse" else None
     used_demo = (engine.mode != "fine" and not args.coarse) or (engine.mode != "coarse" and not args.fine)
     source, output = args.input, args.output
+    say = (lambda line: None) if args.quiet else lambda line: print(line, flush=True)
     if demo:
-        source, output = _demo_archive(args.demo_dir, args.demo_cases), output or storage.join(args.demo_dir, "run")
-        print(f"demo: windows n = {engine.coarse.n} (coarse) / {engine.fine.n} (fine); the paper's are "
-              f"{EngineConfig().coarse.n} / {EngineConfig().fine.n}", flush=True)
+        source, output = _demo_archive(args.demo_dir, args.demo_cases, say), output or storage.join(args.demo_dir, "run")
+        say(f"demo: windows n = {engine.coarse.n} (coarse) / {engine.fine.n} (fine); the paper's are "
+            f"{EngineConfig().coarse.n} / {EngineConfig().fine.n}")
     if output is None:
         raise InputError("--output", "required with --input")
     job = settings(args, ArchiveJob(input=source, output=output, coarse=coarse, fine=fine, engine=engine,
                                     resources=settings(args, Resources())))
     job = replace(job, demo_models=used_demo, allow_prefixes=tuple(args.allow_uri_prefix or ()) or None,
                   outputs=settings(args, OutputConfig()))
-    result = run_archive(job, say=lambda line: print(line, flush=True))
+    result = run_archive(job, say=say)
     current = latest(this_runs_cases(runs.read_rows(output), result.rows, engine.mode))
     print(f"\nmasks: {runs.masks_uri(output, engine.mode)}\nrows:  {runs.metrics_uri(output, result.run_id)}\n"
           f"run:   {runs.run_record_uri(output, result.run_id)}\n")
@@ -216,13 +235,13 @@ def cmd_archive(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_archive(folder: str, cases: int) -> str:
+def _demo_archive(folder: str, cases: int, say: Callable[[str], None]) -> str:
     """The demo's synthetic archive (written once, reused by later demo runs)."""
     from resdsn_ray.synthetic import write_archive
 
     archive = storage.join(folder, "archive")
     if not storage.exists(storage.join(archive, "dataset.json")):
-        print(f"writing a synthetic archive of {cases} cases to {archive}", flush=True)
+        say(f"writing a synthetic archive of {cases} cases to {archive}")
         write_archive(archive, cases=cases, seed=0)
     return archive
 
@@ -261,7 +280,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(config, args.output, data=args.data, cases_uri=args.cases, val_data=args.val_data,
                        val_cases=val_cases, workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-                       max_failures=args.max_failures)
+                       max_failures=args.max_failures, quiet=args.quiet)
     except TrainingFailedError as err:
         print(f"error: training failed: {err}\nrun the same command again to resume from the last checkpoint",
               file=sys.stderr)
@@ -369,6 +388,8 @@ def add_archive_flags(parser: argparse.ArgumentParser) -> None:
            help="the run renews its hold on --output this often; a crashed run's hold lapses after 4 of them")
     parser.add_argument("--demo-dir", default=DEMO_DIR, help="folder of the demo archive and outputs (no --input)")
     parser.add_argument("--demo-cases", type=int, default=DEMO_CASES, help="cases in the demo archive")
+    add_fast_flag(parser)
+    add_quiet_flag(parser)
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
@@ -418,6 +439,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-cases", type=int, help="refuse to train with fewer readable cases")
     parser.add_argument("--max-failures", type=int, default=share["max_failures"].default,
                         help="worker failures survived by restarting from the last checkpoint")
+    add_quiet_flag(parser)
 
 
 def add_cv_flags(parser: argparse.ArgumentParser) -> None:
@@ -466,14 +488,16 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--label", help="reference mask: print metrics")
     segment.add_argument("--json", action="store_true", help="print the case's row as one JSON object")
     add_bundle_flags(segment)
-    add_engine_flags(segment)
+    add_engine_flags(segment, windows_default="; fewer with --fast")
+    add_fast_flag(segment)
+    add_quiet_flag(segment)
     add_output_flags(segment)
     segment.set_defaults(run=cmd_segment)
 
     archive = commands.add_parser("archive", help="the archive job: segment a whole archive with Ray Data; "
                                                   "no --input: the demo", description=ARCHIVE_HELP)
     add_bundle_flags(archive)
-    add_engine_flags(archive, windows_default="; the demo's with no --input")
+    add_engine_flags(archive, windows_default="; the demo's with no --input; fewer with --fast")
     add_archive_flags(archive)
     add_output_flags(archive)
     archive.set_defaults(run=cmd_archive)

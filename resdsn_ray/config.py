@@ -46,6 +46,7 @@ FINISHED: tuple[Status, ...] = (STATUS_OK, STATUS_NO_ORGAN)
 
 OutputFormat = Literal["nifti", "dicom-seg", "both"]
 Probabilities = Literal["none", "uint8", "float32"]
+PROGRESS_EVERY_S = 10.0  # a progress line this often where lines cannot be rewritten (logs, `ray job logs`)
 
 MAX_WIDTH = 256  # a bundle asking for more is refused before anything is allocated
 MAX_PATCH = 512
@@ -152,6 +153,9 @@ class EngineConfig(Settings):
 # The demo archive job (and the CV's demo preset) must finish in minutes on a 2-core laptop:
 # fewer overlapping windows than the paper's n = 6 / 12, unless --n-coarse / --n-fine are given.
 DEMO_ENGINE = EngineConfig(coarse=WindowConfig(n=2), fine=WindowConfig(n=4))
+# `--fast`: a first look at an archive, like TotalSegmentator's --fast: the fewest windows that
+# still cover the volume coarsely and overlap the organ's box a little (its DSC cost: README).
+FAST_ENGINE = EngineConfig(coarse=WindowConfig(n=0), fine=WindowConfig(n=2))
 
 
 def mask_settings(engine: EngineConfig) -> dict[str, Any]:
@@ -284,7 +288,7 @@ class ArchiveJob(Settings):
     fold: int | None = None
     flush_rows: int = 32
     flush_s: float = 15.0
-    progress_s: float = 10.0
+    progress_s: float = PROGRESS_EVERY_S
     lease_heartbeat_s: float = 30.0  # one writer per output: the run renews its lease this often (stale after 4)
     hold_output: bool = True  # False: the caller holds the output's lease (a cross-validation, for its folds)
 

@@ -35,6 +35,9 @@ from resdsn_ray.windows import Box, bounding_box, decrop, plan_windows, sliding_
 if TYPE_CHECKING:  # the engine runs without the readers (nibabel, pydicom): a bare GPU box needs torch only
     from resdsn_ray.volumes import Volume
 
+# What the engine tells a caller as a stage runs: (stage, windows done, windows of the stage).
+WindowCallback = Callable[[str, int, int], None]
+
 # Host-to-device copies go in slabs of about this size, so the first windows compute while the
 # rest of the volume is still on its way.
 SLAB_BYTES = 16 << 20
@@ -92,33 +95,34 @@ class CoarseToFine:
             if bundle is not None:  # in place: engines sharing a bundle share its layout (the last one's)
                 bundle.model.to(self.device, memory_format=self.memory_format).eval()
 
-    def segment(self, volume: Volume, probabilities: bool = False) -> Segmentation:
+    def segment(self, volume: Volume, probabilities: bool = False, progress: WindowCallback | None = None) -> Segmentation:
         start = time.perf_counter()
         coarse_cfg = self.coarse.preprocess if self.config.mode != "fine" and self.coarse else None
         fine_cfg = self.fine.preprocess if self.config.mode != "coarse" and self.fine else None
         coarse_input, fine_input = prepare_inputs(volume.array, coarse_cfg, fine_cfg)
         seconds = time.perf_counter() - start
-        result = self.segment_prepared(coarse_input, fine_input, probabilities)
+        result = self.segment_prepared(coarse_input, fine_input, probabilities, progress)
         result.timings = {"preprocess": seconds, **result.timings}
         return result
 
     def segment_prepared(self, coarse_input: np.ndarray | None, fine_input: np.ndarray | None,
-                         probabilities: bool = False) -> Segmentation:
+                         probabilities: bool = False, progress: WindowCallback | None = None) -> Segmentation:
         """`segment` on inputs already preprocessed for each stage's bundle (`prepare_inputs`).
 
         `probabilities`: also return the fused foreground probabilities on the full grid: the
         fine stage's inside the crop box, the coarse stage's elsewhere (what made the mask there).
+        `progress(stage, done, total)` is told of the windows as they are computed.
         """
         timings: dict[str, float] = {}
         if self.config.mode == "fine":
             assert fine_input is not None
-            mask, windows, timings["fine"], probs = self._stage("fine", fine_input, probabilities)
+            mask, windows, timings["fine"], probs = self._stage("fine", fine_input, probabilities, progress)
             result = Segmentation(mask=mask, status=STATUS_OK, fine_windows=windows, probabilities=probs)
             return self._finish(mask, result, timings)
 
         assert coarse_input is not None
         shape = tuple(coarse_input.shape)
-        scores, coarse_windows, timings["coarse"], probs = self._stage("coarse", coarse_input, probabilities)
+        scores, coarse_windows, timings["coarse"], probs = self._stage("coarse", coarse_input, probabilities, progress)
         result = Segmentation(mask=scores, status=STATUS_OK, coarse_windows=coarse_windows, probabilities=probs)
         if self.config.mode == "coarse":
             return self._finish(scores, result, timings)
@@ -129,7 +133,7 @@ class CoarseToFine:
         timings["post"] = time.perf_counter() - start
         if box is None and self.config.on_no_organ == "fine":
             fine_scores, result.fine_windows, timings["fine"], result.probabilities = self._stage(
-                "fine", fine_input, probabilities)
+                "fine", fine_input, probabilities, progress)
             result.fine_fallback = True
             return self._finish(fine_scores, result, timings)
         if box is None:
@@ -137,34 +141,37 @@ class CoarseToFine:
             result.status = STATUS_NO_ORGAN
             result.timings = timings
             return result
-        fine_scores, result.fine_windows, timings["fine"], fine_probs = self._stage("fine", fine_input[box.slices], probabilities)
+        fine_scores, result.fine_windows, timings["fine"], fine_probs = self._stage(
+            "fine", fine_input[box.slices], probabilities, progress)
         if probs is not None and fine_probs is not None:
             probs[box.slices] = fine_probs
         result.box = box
         # DeCrop (Eq. 5): outside the box the coarse mask is empty by construction of the box.
         return self._finish(decrop(fine_scores, box, shape), result, timings)
 
-    def run_stage(self, stage: str, image: np.ndarray | torch.Tensor) -> tuple[np.ndarray, int, float]:
+    def run_stage(self, stage: str, image: np.ndarray | torch.Tensor,
+                  progress: WindowCallback | None = None) -> tuple[np.ndarray, int, float]:
         """One stage over a preprocessed image (whole volume or crop): boolean mask, windows, seconds.
 
         Public so that a scheduler can run the two stages in different processes (the archive
         pipeline's coarse and fine actor pools) with exactly the engine's computation.
         """
-        return self._stage(stage, image)[:3]
+        return self._stage(stage, image, progress=progress)[:3]
 
-    def _stage(self, stage: str, image: np.ndarray | torch.Tensor,
-               probabilities: bool = False) -> tuple[np.ndarray, int, float, np.ndarray | None]:
+    def _stage(self, stage: str, image: np.ndarray | torch.Tensor, probabilities: bool = False,
+               progress: WindowCallback | None = None) -> tuple[np.ndarray, int, float, np.ndarray | None]:
         """`run_stage`, and the stage's float32 probabilities when asked."""
         bundle = {"coarse": self.coarse, "fine": self.fine}[stage]
         if bundle is None:
             raise ValueError(f"this engine has no {stage} bundle")
         start = time.perf_counter()
         window = self.config.coarse if stage == "coarse" else self.config.fine
+        told = (lambda done, total: progress(stage, done, total)) if progress else None
         if self.device.type == "cuda" and isinstance(image, np.ndarray):
             upload = SlabUpload(image, self.device)
-            scores, windows = self._run(bundle, upload.tensor, window, upload.ensure)
+            scores, windows = self._run(bundle, upload.tensor, window, upload.ensure, told)
         else:
-            scores, windows = self._run(bundle, torch.as_tensor(image).to(self.device), window)
+            scores, windows = self._run(bundle, torch.as_tensor(image).to(self.device), window, progress=told)
         mask = (scores > 0.5).cpu().numpy()
         seconds = self._elapsed(start)
         return mask, windows, seconds, scores.float().cpu().numpy() if probabilities else None
@@ -181,7 +188,8 @@ class CoarseToFine:
         return result
 
     def _run(self, bundle: Bundle, image: torch.Tensor, window: WindowConfig,
-             ready: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int]:
+             ready: Callable[[int], None] | None = None,
+             progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, int]:
         """Sliding-window scores (foreground probabilities) of one stage, and the window count."""
         patch = bundle.model_config.patch
         model = bundle.model
@@ -203,6 +211,7 @@ class CoarseToFine:
                 batch_size=window.batch_size,
                 accumulate_device=accumulate,
                 ready=ready,
+                progress=progress,
                 # One batch shape on CUDA (cuDNN autotuning, torch.compile); on a CPU the spare
                 # windows would cost more than oneDNN's few ms for a new shape.
                 fixed_batch=self.device.type == "cuda",

@@ -63,6 +63,7 @@ from resdsn_ray.config import (
     to_dict,
 )
 from resdsn_ray.errors import InputError
+from resdsn_ray.progress import eta
 from resdsn_ray.provenance import provenance, utc_iso, utc_now
 from resdsn_ray.stages import CoarseStage, FineStage, WholeCase, complete_case, finish_case, read_case
 
@@ -185,6 +186,9 @@ def auto_actors(resources: Resources, n_pools: int, cluster: dict[str, float]) -
 def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResult:
     """Segment every case of `job.input` not already done under `job.output`, as its only writer."""
     started = time.time()
+    # Ray's workers run in other folders: a relative path must mean what it means here.
+    job = replace(job, input=storage.absolute(job.input), output=storage.absolute(job.output),
+                  **{stage: storage.absolute(uri) for stage, uri in (("coarse", job.coarse), ("fine", job.fine)) if uri})
     _check_output(job)
     run_id = job.run_id or runs.new_run_id()
     if job.run_id and storage.exists(runs.run_record_uri(job.output, run_id)):
@@ -438,7 +442,8 @@ class _RowWriter:
 
 
 class _Progress:
-    """Cases done / failed / left and cases per minute, printed every `every` seconds."""
+    """Cases done / failed / left, cases per minute and the time left, printed every `every` seconds
+    as whole lines (what `ray job logs` can show)."""
 
     def __init__(self, total: int, every: float, say: Callable[[str], None]) -> None:
         self.total, self.every, self.say = total, every, say
@@ -458,8 +463,9 @@ class _Progress:
         done = sum(self.counts.values())
         failed = self.counts[STATUS_ERROR]
         parts = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+        left = "" if final else f", ETA {eta(done, self.total, time.monotonic() - self.start)}"
         self.say(f"{'finished' if final else 'progress'}: {done}/{self.total} segmented ({parts or 'none yet'}), "
-                 f"{failed} failed, {self.total - done} left, {self.rate():.1f} cases/min")
+                 f"{failed} failed, {self.total - done} left, {self.rate():.1f} cases/min{left}")
         self.last = time.monotonic()
 
 

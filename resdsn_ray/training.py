@@ -40,6 +40,7 @@ from resdsn_ray.errors import InputError
 from resdsn_ray.metrics import confusion_counts
 from resdsn_ray.model import build_model
 from resdsn_ray.preprocess import preprocess
+from resdsn_ray.progress import duration
 from resdsn_ray.provenance import provenance, utc_iso
 from resdsn_ray.recipes import make_optimizer, parameter_checksum, poly_lr, split_batch, train_step
 from resdsn_ray.sampling import PatchSampler, ValidationCase, load_training_cases, load_validation_cases
@@ -152,6 +153,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(int(loop_config.get("threads", 1)))
     device = ray.train.torch.get_device()
     log = rank == 0
+    chatty = log and not loop_config["quiet"]  # progress lines; warnings (skipped cases) print anyway
 
     # Cases: each rank loads its share once; all ranks then agree on what is usable.
     train_cases: list[dict[str, Any]] = loop_config["train_cases"]
@@ -191,7 +193,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sampler = PatchSampler(cases, config.stage, config.model.patch, rng, config.foreground_share)
     local = split_batch(config.batch_size, world, rank)
     scale = local * world / config.batch_size
-    if log:
+    if chatty:
         note = f"resuming at iteration {start}" if start else "starting"
         say(f"[train] {config.stage}: {note}; {len(usable)} cases on {world} worker(s), {local} patches/worker/iteration")
 
@@ -213,9 +215,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loss_value = total / count
             rate = window_count / max(time.perf_counter() - window_start, 1e-9)
             history.append({"iteration": done, "loss": loss_value, "lr": lr, "fg": organ / voxels})
-            if log:
+            if chatty:
                 say(f"[train] {config.stage} it {done}/{config.iterations} loss {loss_value:.4f} fg {100 * organ / voxels:.1f}% "
-                    f"lr {lr:.6f} {rate:.2f} it/s {rate * config.batch_size:.1f} samples/s")
+                    f"lr {lr:.6f} {rate:.2f} it/s {rate * config.batch_size:.1f} samples/s "
+                    f"ETA {duration((config.iterations - done) / rate)}")
             window_loss.zero_()
             window_count, window_start = 0, time.perf_counter()
         paused = time.perf_counter()
@@ -224,7 +227,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             total, count, predicted_all = _all_sum([sum(scores), len(scores), predicted], device)
             val_dsc = total / count if count else None
             val_foreground = int(predicted_all) if count else None
-            if log and val_dsc is not None:
+            if chatty and val_dsc is not None:
                 say(f"[train] {config.stage} it {done}: validation mean DSC {val_dsc:.4f} over {int(count)} case(s), "
                     f"{val_foreground} foreground voxels predicted")
         if done % config.checkpoint_every == 0 or last:
@@ -356,9 +359,11 @@ def train(
     gpu: bool = False,
     cpus_per_worker: float = 1.0,
     max_failures: int = 2,
+    quiet: bool = False,
 ) -> TrainResult:
     """Train one stage on a Ray cluster (a local one is started if none is found); write the bundle.
 
+    `quiet`: no progress lines from the workers (skipped cases and the result still print).
     Raises InputError for unusable input (too few readable cases, a mismatched earlier run under
     OUTPUT) and ray.train.TrainingFailedError when workers fail more than `max_failures` times.
     """
@@ -418,6 +423,7 @@ def train(
             "val_cases": [_row(c) for c in held],
             "threads": max(1, int(cpus_per_worker)),
             "output": output,
+            "quiet": quiet,
         },
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cpus_per_worker}),

@@ -75,6 +75,7 @@ def sliding_window_inference(
     accumulate_device: torch.device | str | None = None,
     ready: Callable[[int], None] | None = None,
     fixed_batch: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Score map of `volume` [X, Y, Z] from `predictor` run on overlapping P^3 windows.
 
@@ -97,7 +98,8 @@ def sliding_window_inference(
     stream the volume to the device while earlier batches compute. `fixed_batch` fills the last
     batch up to `batch_size` with copies of its last window (their scores are dropped): every
     forward then has one shape, which compiled models and CUDA graphs need and which spares
-    cuDNN's autotuner a new shape per remainder.
+    cuDNN's autotuner a new shape per remainder. `progress(done, total)`, when given, hears the
+    windows done after each batch.
     """
     if volume.dim() != 3:
         raise ValueError(f"sliding_window_inference needs a 3-D volume, got shape {tuple(volume.shape)}")
@@ -147,6 +149,8 @@ def sliding_window_inference(
             scores = scores.to(acc_device).to(torch.float32)
             for (x, y, z), score in zip(chunk, scores):
                 acc[x : x + patch, y : y + patch, z : z + patch] += score
+            if progress is not None:
+                progress(first + len(chunk), len(corners))
 
     for axis, starts in enumerate(per_axis):
         norm = _axis_weight(starts, padded_shape[axis], profile).to(torch.float32)

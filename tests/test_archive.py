@@ -5,6 +5,7 @@ may point at."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -461,3 +462,50 @@ def test_pacs_export_on_s3_lists_with_one_paginated_listing(s3_bucket, ct5n_dir,
     assert len(calls) == 21
     case = cases[1]
     assert read_volume(case.image_uri, series_uid=case.series_uid).shape == (16, 16, 5)
+
+
+# --------------------------------------------------------------------------------------------
+# A PACS export of real CT, locally and on S3
+
+
+def real_ct_export(shared: Path, root: Path) -> dict[str, str]:
+    """The real series of `shared` in a PACS export's nesting, Patient/Study/Series, as a user
+    would find it (STS_001's files with no extension, its RTSTRUCT in a folder of its own), plus
+    an unsorted folder holding a few files of both series. Returns SeriesInstanceUID by series."""
+    sts = sorted((shared / "ct" / "sts_001" / "CT" / "dicom" / "image").iterdir())
+    crlm = sorted((shared / "ct" / "crlm_1004" / "dicom").iterdir())
+    for path in sts:
+        touch(root / "STS_001" / "20000907" / "CT_2" / path.stem, path.read_bytes())
+    touch(root / "STS_001" / "20000907" / "RTSTRUCT" / "RS.dcm",
+          (shared / "ct" / "sts_001" / "CT" / "dicom" / "mask" / "RS.dcm").read_bytes())
+    for path in crlm:
+        touch(root / "CRLM-CT-1004" / "19941122" / "CT_2" / path.name, path.read_bytes())
+    for path in [*sts[:3], *crlm[:3]]:
+        touch(root / "Unsorted" / f"{path.parent.parent.name}-{path.name}", path.read_bytes())
+    return {name: str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+            for name, files in (("sts", sts), ("crlm", crlm))}
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_real_ct_pacs_export_lists_one_case_per_series(where, shared_data, tmp_path, request):
+    local = tmp_path / "export"
+    uids = real_ct_export(shared_data, local)
+    root = str(local)
+    if where == "s3":
+        root = f"{request.getfixturevalue('s3_bucket')}/export"
+        fs, _ = storage.filesystem(root)
+        fs.put(f"{local}/", root.removeprefix("s3://"), recursive=True)
+    listing = scan(root)
+    cases = by_id(listing.cases)
+    # The unsorted folder's two series share SeriesNumber 2: each gets a hash of its UID.
+    unsorted = {f"Unsorted_2_{hashlib.sha1(uid.encode()).hexdigest()[:8]}": uid for uid in uids.values()}
+    assert {cid: c.series_uid for cid, c in cases.items()} == {
+        "CRLM-CT-1004_19941122_CT_2": uids["crlm"], "STS_001_20000907_CT_2": uids["sts"], **unsorted}
+    assert all(c.error is None and c.label_uri is None for c in cases.values())
+    assert cases["STS_001_20000907_CT_2"].image_uri == storage.join(root, "STS_001/20000907/CT_2")
+    assert [(s.uri, s.reason.split(" (")[0]) for s in listing.skipped] == [
+        (storage.join(root, "STS_001/20000907/RTSTRUCT"), "not a CT image")]
+    if where == "local":  # reading a series from S3 is tested on CT5N (test_odd_names_on_s3): 9 MB less here
+        case = cases["STS_001_20000907_CT_2"]
+        volume = read_volume(case.image_uri, series_uid=case.series_uid)
+        assert volume.shape == (198, 202, 59) and volume.meta["series_uid"] == uids["sts"]
