@@ -14,7 +14,7 @@ import torch
 
 from resdsn_ray import runs, volumes
 from resdsn_ray.bundle import load_bundle, save_bundle
-from resdsn_ray.config import EngineConfig, ModelConfig, WindowConfig
+from resdsn_ray.config import EngineConfig, ModelConfig, OutputConfig, WindowConfig
 from resdsn_ray.engine import CoarseToFine
 from resdsn_ray.errors import InputError
 from resdsn_ray.model import build_model
@@ -44,7 +44,7 @@ def test_read_whole_finish_give_the_engines_mask_on_the_input_grid(tmp_path: Pat
     coarse, fine = load_bundle(bundles["coarse"]), load_bundle(bundles["fine"])
     row = read_case(case_row(str(image), str(label), str(tmp_path / "m.nii.gz")), coarse.preprocess, fine.preprocess)
     row = WholeCase(bundles["coarse"], bundles["fine"], ENGINE)(row)
-    out = finish_case(row, ENGINE.post_ratio)
+    out = finish_case(row, ENGINE.post_ratio, OutputConfig())
     assert out["status"] in ("ok", "no_organ") and not out.get("error"), out.get("error")
 
     expected = CoarseToFine(coarse, fine, ENGINE).segment(volumes.read_volume(str(image))).mask
@@ -69,7 +69,7 @@ def test_on_no_organ_fine_in_split_pools_gives_the_engines_fallback_mask(tmp_pat
     coarse, fine = load_bundle(str(tmp_path / "blank")), load_bundle(bundles["fine"])
     row = read_case(case_row(str(image), str(label), str(tmp_path / "m.nii.gz")), coarse.preprocess, fine.preprocess)
     row = FineStage(bundles["fine"], engine)(CoarseStage(str(tmp_path / "blank"), engine)(row))
-    out = finish_case(row, engine.post_ratio)
+    out = finish_case(row, engine.post_ratio, OutputConfig())
     expected = CoarseToFine(coarse, fine, engine).segment(volumes.read_volume(str(image)))
     assert expected.fine_fallback and out["fine_fallback"] and out["coarse_bbox"] is None
     assert out["fine_windows"] == expected.fine_windows and out["status"] == expected.status
