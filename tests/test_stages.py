@@ -35,7 +35,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def case_row(image: str, label: str, mask: str) -> dict:
     return {"run_id": "r1", "case_id": "c", "image_uri": image, "label_uri": label, "mask_uri": mask, "attempt": 1,
-            "config_id": "cfg", "mode": "c2f", "series_uid": ""}
+            "config_id": "cfg", "mode": "c2f", "series_uid": "", "to_write": ["mask"]}
 
 
 def test_read_whole_finish_give_the_engines_mask_on_the_input_grid(tmp_path: Path, bundles: dict[str, str]):
