@@ -62,6 +62,13 @@ def one_final_row_per_case(rows: list[dict]) -> dict[str, dict]:
     return {r["case_id"]: r for r in rows}
 
 
+def table_row(fault: str, injected: int, result) -> None:
+    """One line of the fault table (`pytest -s` shows it): what was injected and what the run made of it."""
+    finished = sum(r["status"] in FINISHED for r in result.rows)
+    print(f"\nfault table | {fault} | injected {injected} | cases finished {finished} of {len(result.rows)} "
+          f"| rows lost 0 | duplicates 0 | run {result.seconds:.1f} s")
+
+
 def test_a_case_whose_reader_is_killed_every_time_is_one_retryable_error_row(ray_driver, s3_server, bucket, bundles,
                                                                              monkeypatch):
     archive = f"{bucket}/poison"
@@ -84,6 +91,7 @@ def test_a_case_whose_reader_is_killed_every_time_is_one_retryable_error_row(ray
             kills = killer.stop()
         s3fs.S3FileSystem.clear_instance_cache()
     rows = one_final_row_per_case(result.rows)
+    table_row("read task SIGKILLed on every attempt (poison case)", len(kills), result)
     assert len(kills) == ATTEMPTS_PER_CASE, kills  # every attempt of the bounded retries, and no more
     poison = rows.pop("poison")
     assert poison["status"] == "error" and poison["retryable"] is True and poison["mask_uri"] is None
@@ -130,6 +138,7 @@ def test_a_model_actor_killed_mid_case_is_restarted_and_every_case_finishes_once
         kills = killer.stop()
     assert len(kills) == 1, "no model actor was caught computing a case"
     rows = one_final_row_per_case(result.rows)
+    table_row("model actor SIGKILLed mid-case", len(kills), result)
     assert sorted(rows) == [f"case_{i:04d}" for i in range(CASES)]
     for row in rows.values():
         assert row["status"] in FINISHED, row["error"]
@@ -176,6 +185,7 @@ def test_a_worker_node_lost_mid_run_loses_no_case(ray_driver, bucket, bundles):
             kills = killer.stop()
         assert len(kills) == 1, "no node's model actor was caught computing a case"
         rows = one_final_row_per_case(result.rows)
+        table_row("worker node killed whole mid-case (raylet, agents, workers)", len(kills), result)
         assert sorted(rows) == [f"case_{i:04d}" for i in range(CASES + 1)]
         for row in rows.values():
             assert row["status"] in FINISHED, row["error"]
