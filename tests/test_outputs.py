@@ -18,7 +18,7 @@ from test_dicom_seg import check_seg
 
 from resdsn_ray import runs
 from resdsn_ray.bundle import load_bundle, save_bundle
-from resdsn_ray.case_files import ALGORITHM, NO_SEG, algorithm_version
+from resdsn_ray.case_files import NO_SEG, algorithm_version
 from resdsn_ray.cli import main
 from resdsn_ray.config import ModelConfig
 from resdsn_ray.model import build_model
@@ -70,8 +70,9 @@ def test_outputs_and_reruns(ray_driver, setup):
 
     # DICOM SEG: loads back, references the source series and instances, one frame per source slice
     assert dicom["seg_uri"] == runs.file_uri(setup["output"], "seg", DICOM_CASE) and dicom["note"] is None
-    version = algorithm_version(load_bundle(setup["coarse"]).id, load_bundle(setup["fine"]).id)
-    assert version.startswith("resdsn_ray ") or ALGORITHM in version or "coarse=" in version
+    ids = load_bundle(setup["coarse"]).id, load_bundle(setup["fine"]).id
+    version = algorithm_version(*ids)
+    assert version.endswith(f"coarse={ids[0]} fine={ids[1]}")  # the SEG names the models that made it
     check_seg(dicom["seg_uri"], volume, mask, version=version)
 
     # probabilities on the input grid; the mask's voxels are the confident ones (uint8: 1/255 steps)
@@ -85,12 +86,11 @@ def test_outputs_and_reruns(ray_driver, setup):
     assert dicom["pred_volume_ml"] == pytest.approx(mask.sum() * voxel_ml)
     assert dicom["mask_hu_mean"] == pytest.approx(volume.array[mask > 0].mean(), rel=1e-6)
     assert dicom["mask_hu_std"] == pytest.approx(volume.array[mask > 0].std(), rel=1e-5)
-    ijk = np.argwhere(mask)
-    world = np.array([[*v, 1.0] for v in (ijk.min(axis=0), ijk.max(axis=0))]) @ volume.affine.T
-    low = volume.affine[:3, :3] @ ijk.min(axis=0) + volume.affine[:3, 3]
-    high = volume.affine[:3, :3] @ ijk.max(axis=0) + volume.affine[:3, 3]
+    ijk = np.argwhere(mask)  # the series' affine is diagonal (LPS flips x and y): two corners span the box
+    low, high = (volume.affine[:3, :3] @ ijk.min(axis=0) + volume.affine[:3, 3],
+                 volume.affine[:3, :3] @ ijk.max(axis=0) + volume.affine[:3, 3])
+    assert np.allclose(volume.affine[:3, :3], np.diag(np.diag(volume.affine[:3, :3])))
     assert dicom["bbox_ras_mm"] == pytest.approx([*np.minimum(low, high), *np.maximum(low, high)])
-    assert world.shape == (2, 4)
 
     # the NIfTI case: a NIfTI mask, no SEG, and the row says why
     assert nifti["seg_uri"] is None and nifti["note"] == NO_SEG
@@ -113,6 +113,6 @@ def test_outputs_and_reruns(ray_driver, setup):
         assert picture.ndim == 3 and picture.shape[0] > 100 and picture.shape[1] > 300
     after = mtimes(setup["output"] + "/masks") | mtimes(setup["output"] + "/segs") | mtimes(setup["output"] + "/probabilities")
     assert after == before
-    assert sorted(os.listdir(Path(setup["output"]) / "previews")) == [f"{DICOM_CASE}.png", f"{NIFTI_CASE}.png"]
+    assert sorted(os.listdir(Path(setup["output"]) / "previews")) == sorted([f"{DICOM_CASE}.png", f"{NIFTI_CASE}.png"])
     # and the rows that added them are trusted by the next run
     assert [r["status"] for r in archive_run(setup, "--preview")] == ["skipped", "skipped"]
