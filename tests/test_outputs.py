@@ -5,6 +5,7 @@ settings skip every case, an added --preview writes only the previews."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -25,7 +26,7 @@ from resdsn_ray.model import build_model
 from resdsn_ray.synthetic import make_case
 from resdsn_ray.volumes import read_volume, write_nifti
 
-pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 DICOM_CASE, NIFTI_CASE = "sts_001", "phantom"
 
@@ -38,12 +39,8 @@ def setup(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     shutil.copytree(shared_data / "ct" / "sts_001" / "CT" / "dicom" / "image", archive / DICOM_CASE)
     image, _, affine = make_case(4, (40, 40, 24), orientation="LPS")
     write_nifti(str(archive / f"{NIFTI_CASE}.nii.gz"), image, affine)
-    bundles = {}
-    for seed, stage in enumerate(("coarse", "fine")):
-        torch.manual_seed(seed)
-        bundles[stage] = str(root / "bundles" / stage)
-        save_bundle(bundles[stage], build_model("resdsn", width=4), ModelConfig(width=4, patch=16), stage)
-    return {"archive": str(archive), "output": str(root / "out"), **bundles}
+    coarse, fine = small_bundles(root / "bundles")
+    return {"archive": str(archive), "output": str(root / "out"), "coarse": coarse, "fine": fine}
 
 
 def archive_run(setup: dict[str, str], *flags: str) -> list[dict]:
@@ -60,6 +57,7 @@ def mtimes(folder: str) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in Path(folder).rglob("*") if p.is_file()}
 
 
+@pytest.mark.ray
 def test_outputs_and_reruns(ray_driver, setup):
     first = {r["case_id"]: r for r in archive_run(setup)}
     assert {r["status"] for r in first.values()} <= {"ok", "no_organ"}, [r["error"] for r in first.values()]
@@ -70,9 +68,8 @@ def test_outputs_and_reruns(ray_driver, setup):
 
     # DICOM SEG: loads back, references the source series and instances, one frame per source slice
     assert dicom["seg_uri"] == runs.file_uri(setup["output"], "seg", DICOM_CASE) and dicom["note"] is None
-    ids = load_bundle(setup["coarse"]).id, load_bundle(setup["fine"]).id
-    version = algorithm_version(*ids)
-    assert version.endswith(f"coarse={ids[0]} fine={ids[1]}")  # the SEG names the models that made it
+    version = dicom_version(setup["coarse"], setup["fine"])
+    assert version.endswith(f"coarse={load_bundle(setup['coarse']).id} fine={load_bundle(setup['fine']).id}")
     check_seg(dicom["seg_uri"], volume, mask, version=version)
 
     # probabilities on the input grid; the mask's voxels are the confident ones (uint8: 1/255 steps)
@@ -116,3 +113,45 @@ def test_outputs_and_reruns(ray_driver, setup):
     assert sorted(os.listdir(Path(setup["output"]) / "previews")) == sorted([f"{DICOM_CASE}.png", f"{NIFTI_CASE}.png"])
     # and the rows that added them are trusted by the next run
     assert [r["status"] for r in archive_run(setup, "--preview")] == ["skipped", "skipped"]
+
+
+def small_bundles(folder: Path) -> tuple[str, str]:
+    uris = []
+    for seed, stage in enumerate(("coarse", "fine")):
+        torch.manual_seed(seed)
+        uris.append(str(folder / stage))
+        save_bundle(uris[-1], build_model("resdsn", width=4), ModelConfig(width=4, patch=16), stage)
+    return uris[0], uris[1]
+
+
+def test_segment_writes_its_files_beside_the_mask(ct5n_dir, tmp_path, capsys):
+    coarse, fine = small_bundles(tmp_path / "bundles")
+    nifti = tmp_path / "phantom.nii.gz"
+    image, _, affine = make_case(4, (40, 40, 24), orientation="LPS")
+    write_nifti(str(nifti), image, affine)
+    rows = {}
+    for name, source in (("ct5n", ct5n_dir), ("phantom", nifti)):
+        out = tmp_path / "out" / f"{name}.nii.gz"
+        assert main(["segment", str(source), "--out", str(out), "--coarse", coarse, "--fine", fine, "--n-coarse", "0",
+                     "--n-fine", "0", "--device", "cpu", "--output-format", "dicom-seg", "--save-probabilities", "float32",
+                     "--preview", "--json"]) == 0
+        rows[name] = json.loads(capsys.readouterr().out)
+    dicom, phantom = rows["ct5n"], rows["phantom"]
+    volume, mask = read_volume(str(ct5n_dir)), read_volume(dicom["mask"]).array
+    assert dicom["seg_uri"] == str(tmp_path / "out" / "ct5n.dcm") and dicom["note"] is None
+    check_seg(dicom["seg_uri"], volume, mask, version=dicom_version(coarse, fine))
+    probabilities = read_volume(dicom["probabilities_uri"])
+    assert probabilities.shape == volume.shape and probabilities.meta["dtype"] == "float32"
+    assert np.allclose(probabilities.affine, volume.affine, atol=1e-4)
+    assert dicom["probabilities_uri"] == str(tmp_path / "out" / "ct5n_probabilities.nii.gz")
+    assert matplotlib.image.imread(dicom["preview_uri"]).ndim == 3
+    assert dicom["pred_volume_ml"] == pytest.approx(mask.sum() * np.prod(volume.spacing) / 1000)
+    # a NIfTI input: its mask, probabilities and preview, no SEG, and the row says why
+    assert "seg_uri" not in phantom and phantom["note"] == NO_SEG
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["ct5n.nii.gz", "ct5n.dcm", "ct5n_probabilities.nii.gz", "ct5n.png",
+         "phantom.nii.gz", "phantom_probabilities.nii.gz", "phantom.png"])
+
+
+def dicom_version(coarse: str, fine: str) -> str:
+    return algorithm_version(load_bundle(coarse).id, load_bundle(fine).id)
