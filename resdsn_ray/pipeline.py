@@ -386,10 +386,10 @@ def _lost(row: dict[str, Any]) -> dict[str, Any]:
 
 def _completing(done: dict[str, Any], row: dict[str, Any], files: dict[str, Any], missing: list[str]) -> dict[str, Any]:
     """The row that adds `missing` files to a done case: the done attempt's results (mask,
-    metrics, model info) under this run, `done_in_run` naming the run that made the mask."""
-    kept = {name: done[name] for name in runs.COLUMNS if name not in runs.TIMING_KEYS}
-    return dict(kept, **row, **files, to_write=missing, attempt=done["attempt"], done_in_run=runs.mask_run(done),
-                t_total_s=None, t_wall_s=None, error=None, note=None)
+    metrics, stage timings, model info) under this run, `done_in_run` naming the run that made
+    the mask; its `t_wall_s` is the time the files took."""
+    return dict(done, **row, **files, to_write=missing, attempt=done["attempt"], done_in_run=runs.mask_run(done),
+                error=None, note=None)
 
 
 def _skipped(row: dict[str, Any], history: runs.History) -> dict[str, Any]:
