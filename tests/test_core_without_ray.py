@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 RAY_FREE = [
     "config", "errors", "storage", "volumes", "preprocess", "model", "windows", "postprocess", "engine", "deadline",
     "metrics", "mask_stats", "synthetic", "bundle", "provenance", "sampling", "recipes", "archive", "runs", "query",
-    "report", "pictures", "case_files", "stages", "flags", "cli", "devices", "dicom_seg", "lease", "progress",
+    "report", "pictures", "case_files", "stages", "flags", "cli", "devices", "dicom_seg", "lease", "progress", "api",
 ]
 RAY_LAYERS = ["cluster", "pipeline", "training", "cv"]
 
