@@ -53,14 +53,14 @@ def segment(engine: CoarseToFine, image: str, series_uid: str | None = None,
     """Read one volume (NIfTI file or DICOM series folder, any URI) and segment it; the volume
     comes back too, as the grid to write the mask on (`write_mask(uri, result.mask, like=volume)`)."""
     volume = read_volume(image, series_uid=series_uid)
-    return volume, engine.segment(volume, progress)
+    return volume, engine.segment(volume, progress=progress)
 
 
 def segment_array(engine: CoarseToFine, array: np.ndarray, affine: np.ndarray,
                   progress: WindowCallback | None = None) -> Segmentation:
     """Segment a volume already in memory: HU values [X, Y, Z] and its 4x4 voxel-to-world affine."""
     volume = Volume(np.asarray(array, dtype=np.float32), np.asarray(affine, dtype=np.float64), source="array")
-    return engine.segment(volume, progress)
+    return engine.segment(volume, progress=progress)
 
 
 def run_archive(archive: str, output: str, coarse: str | None, fine: str | None,
