@@ -242,12 +242,15 @@ def test_checkpoints_and_bundle_on_s3_survive_a_killed_worker(ray_cluster, quick
 
 
 @pytest.mark.ray
-def test_a_collapsed_training_is_reported_and_its_bundle_refused(ray_cluster, tmp_path: Path, capsys):
+def test_a_collapsed_training_is_reported_and_its_bundle_refused(ray_cluster, tmp_path: Path, capsys,
+                                                                 monkeypatch: pytest.MonkeyPatch):
     """A tiny coarse model trained at a learning rate far too high, on uniform patches of small
     phantoms, collapses to background: the run says UNFIT, exits 1, and writes its bundle marked
-    unfit, which segment and the archive job refuse unless --allow-unfit."""
-    data = _archive(str(tmp_path / "data"), cases=3)
-    output = str(tmp_path / "run")
+    unfit, which segment and the archive job refuse unless --allow-unfit. Paths given relative
+    work: the Ray workers, which run elsewhere, get them absolute."""
+    monkeypatch.chdir(tmp_path)
+    data = _archive("data", cases=3)
+    output = "run"
     code = cli.main(["train", "--stage", "coarse", "--data", data, "--output", output, "--preset", "demo",
                      "--iterations", "10", "--patch", "16", "--width", "4", "--batch-size", "4", "--lr", "0.5",
                      "--foreground-share", "0", "--val-cases", "1", "--validate-every", "10", "--workers", "1"])
@@ -257,6 +260,7 @@ def test_a_collapsed_training_is_reported_and_its_bundle_refused(ray_cluster, tm
     config = storage.read_json(f"{bundle}/config.json")
     assert config["fit"] is False and config["unfit"]
     assert json_record(output)["fit"] is False and json_record(output)["unfit"] == config["unfit"]
+    assert json_record(output)["data"] == str(tmp_path / "data") and config["provenance"]["data"] == str(tmp_path / "data")
     with pytest.raises(InputError, match="unfit") as refused:
         load_bundle(bundle)
     assert refused.value.source == bundle
@@ -265,7 +269,7 @@ def test_a_collapsed_training_is_reported_and_its_bundle_refused(ray_cluster, tm
     segment = ["segment", image, "--out", mask, "--coarse", bundle, "--mode", "coarse", "--n-coarse", "0"]
     assert cli.main(segment) == 2 and "unfit" in capsys.readouterr().err and not os.path.exists(mask)
     archive = ["archive", "--input", data, "--output", str(tmp_path / "out"), "--coarse", bundle, "--mode", "coarse"]
-    assert cli.main(archive) == 2 and f"{bundle}: model bundle marked unfit" in capsys.readouterr().err
+    assert cli.main(archive) == 2 and "run/bundle: model bundle marked unfit" in capsys.readouterr().err
     assert cli.main([*segment, "--allow-unfit"]) == 0 and os.path.exists(mask)
 
 
