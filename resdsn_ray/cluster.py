@@ -9,11 +9,8 @@ the non-secret S3 settings in `WORKER_ENV` travel with tasks and actors.
 
 from __future__ import annotations
 
-import _thread
 import logging
 import os
-import threading
-import time
 from typing import Any
 
 import ray
@@ -90,47 +87,3 @@ def fit_cpus(actors: int, node_cpus: list[float], actor: float | None = None, ta
         )
     return actor, task
 
-
-def can_host(cpus: float, gpus: float) -> bool:
-    """Whether some alive node of the connected cluster has room for an actor of this size."""
-    return any(n.get("Alive") and n["Resources"].get("CPU", 0.0) >= cpus and n["Resources"].get("GPU", 0.0) >= gpus
-               for n in ray.nodes())
-
-
-class HostWatch:
-    """Ends a run whose model actors lost every node able to host them.
-
-    Ray restarts a lost actor once some node can take it, so a pool whose only eligible nodes died
-    waits forever, silently (`wait_for_min_actors_s` bounds only the pool's start). The watch
-    gives the cluster `wait_s` to bring a replacement (an autoscaler launching a node), then
-    interrupts the driver's main thread; `failure` says why.
-    """
-
-    def __init__(self, cpus: float, gpus: float, wait_s: float, check_s: float = 2.0) -> None:
-        self.cpus, self.gpus, self.wait_s, self.check_s = cpus, gpus, wait_s, check_s
-        self.failure: InputError | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="host-watch", daemon=True)
-
-    def start(self) -> HostWatch:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
-
-    def _watch(self) -> None:
-        since = None
-        while not self._stop.wait(self.check_s):
-            if can_host(self.cpus, self.gpus):
-                since = None
-                continue
-            since = since or time.monotonic()
-            if time.monotonic() - since >= self.wait_s:
-                self.failure = InputError(
-                    "--actor-timeout", f"no node of the cluster can host a model actor ({self.cpus:g} CPU, {self.gpus:g} GPU) "
-                    f"any more and none joined within {self.wait_s:g} s (nodes lost?); a rerun finishes the cases left")
-                _thread.interrupt_main()
-                return

@@ -52,7 +52,7 @@ from ray.exceptions import GetTimeoutError
 from resdsn_ray import lease, runs, storage
 from resdsn_ray.archive import Case, is_manifest, is_nifti, scan
 from resdsn_ray.bundle import load_bundle
-from resdsn_ray.cluster import HostWatch, connect, fit_cpus, node_cpus, node_memory, runtime_env
+from resdsn_ray.cluster import connect, fit_cpus, node_cpus, node_memory, runtime_env
 from resdsn_ray.config import (
     STATUS_ERROR,
     STATUS_SKIPPED,
@@ -80,11 +80,6 @@ MAX_AUTO_CPU_ACTORS = 8  # without GPUs, default pools get one single-threaded a
 # Ray 2.60 takes both only through the extra remote args of `map`, deprecated for removal in
 # Ray 2.64 with no named replacement yet: the project pins Ray 2.60.x.
 PROCESS_RETRIES = 2
-# Cases a stream lost (their processes died on every retry) go through a fresh stream this many
-# more times: a node lost mid-run fails the calls in flight on it at once, before Ray has moved
-# its actors, so their retries are spent in seconds; a new stream schedules them on the nodes left.
-LOST_CASE_PASSES = 1
-ATTEMPTS_PER_CASE = (PROCESS_RETRIES + 1) * (LOST_CASE_PASSES + 1)
 
 
 @dataclass
@@ -266,19 +261,15 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
     for row in immediate:
         writer.add(row)
     progress = _Progress(len(todo) + len(complete), job.progress_s, say)
-    watch: HostWatch | None = None
     try:
         if todo or complete:
             job = replace(job, resources=_connect_and_resolve(job))
             record["resources"] = to_dict(job.resources)
             preprocess = {"coarse": coarse.preprocess if coarse else None, "fine": fine.preprocess if fine else None}
-            _stream(complete, lambda rows: build_completion(rows, job), writer, progress, say)
-            if todo:
-                res = job.resources
-                watch = HostWatch(res.cpus_per_actor, res.gpus_per_actor, res.actor_start_timeout_s).start()
-                _stream(todo, lambda rows: build_dataset(rows, job, preprocess), writer, progress, say)
+            _stream(complete, lambda rows: build_completion(rows, job), writer, progress)
+            _stream(todo, lambda rows: build_dataset(rows, job, preprocess), writer, progress)
     except BaseException as err:  # any failure, Ctrl-C or SIGTERM: keep what is done, say why the run ended
-        failure = watch.failure if watch and watch.failure else _start_failure(job) if isinstance(err, GetTimeoutError) else err
+        failure = _start_failure(job) if isinstance(err, GetTimeoutError) else err
         if held is None or not held.lost:  # a run that lost its lease to another writes nothing more
             writer.flush()
             record.update(status="failed", error=_reason(failure), ended_at=utc_iso(),
@@ -287,9 +278,6 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
         if failure is err:
             raise
         raise failure from err
-    finally:
-        if watch is not None:
-            watch.stop()
     writer.flush()
     progress.report(final=True)
 
@@ -302,28 +290,22 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
 
 
 def _stream(rows: list[dict[str, Any]], build: Callable[[list[dict[str, Any]]], Any], writer: _RowWriter,
-            progress: _Progress, say: Callable[[str], None]) -> None:
-    """Run `rows` through the stream `build` makes, each output row written as it comes. Cases the
-    stream loses (their processes died on every retry) go through a fresh stream `LOST_CASE_PASSES`
-    more times, then become error rows."""
-    pending = rows
-    for again in range(LOST_CASE_PASSES + 1):
-        if not pending:
-            return
-        if again:
-            say(f"{len(pending)} case(s) lost with their worker processes or nodes: streaming them again "
-                f"({again} of {LOST_CASE_PASSES})")
-        seen: set[str] = set()
-        for row in build(pending).iter_rows():
-            row = _from_stream(row)
-            seen.add(row["case_id"])
-            writer.add(row)
-            progress.update(row)
-        pending = [row for row in pending if row["case_id"] not in seen]
-    for row in pending:
-        lost = _lost(row)
-        writer.add(lost)
-        progress.update(lost)
+            progress: _Progress) -> None:
+    """Run `rows` through the stream `build` makes, each output row written as it comes; a case the
+    stream lost (its process died on every retry) becomes an error row."""
+    if not rows:
+        return
+    seen: set[str] = set()
+    for row in build(rows).iter_rows():
+        row = _from_stream(row)
+        seen.add(row["case_id"])
+        writer.add(row)
+        progress.update(row)
+    for row in rows:
+        if row["case_id"] not in seen:
+            lost = _lost(row)
+            writer.add(lost)
+            progress.update(lost)
 
 
 def _start_failure(job: ArchiveJob) -> InputError:
@@ -380,7 +362,7 @@ def _lost(row: dict[str, Any]) -> dict[str, Any]:
     now = utc_now()
     return dict(row, **{f.column: None for f in runs.OUTPUT_FILES.values()},
                 status=STATUS_ERROR, retryable=True, label_uri=row["label_uri"] or None, started_at=now, finished_at=now,
-                error=f"worker: the process handling this case died on each of its {ATTEMPTS_PER_CASE} attempts "
+                error=f"worker: the process handling this case died on each of its {PROCESS_RETRIES + 1} attempts "
                       "(killed for memory?); see the Ray logs")
 
 
