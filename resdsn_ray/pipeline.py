@@ -122,10 +122,9 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
     # With one case in flight per actor a pool is at most 100 % busy, under Ray Data's default
     # threshold to grow (175 %): grow as soon as every actor is busy.
     context.autoscaling_config = replace(context.autoscaling_config, actor_pool_util_upscaling_threshold=UPSCALE_WHEN_BUSY)
-    env = runtime_env()
-    case_bytes = int(res.max_case_gb * 1e9) if res.max_case_gb else None
     # Every task and actor reserves one case's memory: a node never runs more big cases than fit.
     task = _task_args(job)
+    env, case_bytes = task["runtime_env"], task["memory"]
     threads = res.threads_per_actor or max(1, round(res.cpus_per_actor or 1))
 
     def pool(size: int | None) -> dict[str, Any]:
