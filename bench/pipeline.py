@@ -10,7 +10,12 @@ On one synthetic archive and the same cores, in one run:
 3. peak memory of the whole local Ray cluster (this driver and every process it started:
    GCS, raylet with the object store, workers), as summed PSS sampled every 0.2 s, for the
    full archive and for a manifest of its first `--small` cases (the same cases).
-Goals: pipeline/loop throughput >= 0.8; peak memory(full)/peak memory(small) <= 1.2.
+4. the driver's own CPU time per case (this process, all its threads: Ray Data's scheduling
+   loop, row conversion, Parquet parts) in every pipeline run;
+5. with `--tiny N`, the orchestration ceiling: N tiny cases (32^3, one window per stage, random
+   width-8 bundles; a manifest of N ids over a few real files) through `run_archive`, in cases/s.
+Goals: pipeline/loop steady throughput >= 1.0 (start-up shown apart); peak memory(full)/peak
+memory(small) <= 1.2; driver CPU <= 10 ms per case; tiny-case ceiling >= 30 cases/s on 2 cores.
 Without trained demo bundles it uses random ResDSN bundles (width 8, patch 32): the timing
 and memory figures hold, the masks mean nothing.
 """
@@ -18,11 +23,14 @@ and memory figures hold, the masks mean nothing.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
 import platform
+import resource
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -114,9 +122,25 @@ def plain_loop(archive: str, out: str, coarse: str, fine: str, engine: EngineCon
     return time.perf_counter() - start, False
 
 
+def driver_cpu_s() -> float:
+    """CPU seconds this process (every thread of the Ray driver) has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class PipelineRun:
+    seconds: float
+    first_s: float  # from the call to the first finished case: start-up (listing, pools, first case)
+    steady: float  # cases/min after the first finished case
+    driver_ms: float  # driver CPU per case
+    peak: int  # cluster bytes
+    idle: int
+
+
 def pipeline(archive: str, out: str, coarse: str, fine: str, engine: EngineConfig, shape: str,
-             actors: int) -> tuple[float, float, int, int]:
-    """(seconds, steady cases/min, peak cluster bytes, idle cluster bytes) of a run on a fresh local Ray.
+             actors: int | None) -> PipelineRun:
+    """A run on a fresh local Ray: its time, start-up, steady rate, driver CPU and cluster memory.
 
     Steady throughput counts the cases after the first finished one over the time since then,
     i.e. without the start of the actor pools."""
@@ -127,21 +151,57 @@ def pipeline(archive: str, out: str, coarse: str, fine: str, engine: EngineConfi
         resources = Resources(shape=shape, coarse_actors=actors, fine_actors=actors, threads_per_actor=1)
         job = ArchiveJob(input=archive, output=out, coarse=coarse, fine=fine, engine=engine, resources=resources)
         with PeakMemory() as memory:
-            start = time.perf_counter()
+            cpu, wall, start = driver_cpu_s(), time.time(), time.perf_counter()
             result = run_archive(job, say=lambda line: None)
-            seconds = time.perf_counter() - start
-        bad = [r for r in result.rows if r["status"] not in ("ok", "no_organ")]
-        assert not bad, bad
-        ends = sorted(r["finished_at"].timestamp() for r in result.rows)
+            seconds, cpu = time.perf_counter() - start, driver_cpu_s() - cpu
+        rows = result.rows
+        bad = [r for r in rows if r["status"] not in ("ok", "no_organ")]
+        assert not bad, bad[:3]
+        ends = sorted(r["finished_at"].timestamp() for r in rows)
         steady = 60 * (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else float("nan")
-        return seconds, steady, memory.peak, idle
+        return PipelineRun(seconds, ends[0] - wall, steady, 1000 * cpu / len(rows), memory.peak, idle)
     finally:
         ray.shutdown()
 
 
+def random_bundles(work: Path) -> tuple[str, str]:
+    """Coarse and fine bundles of freshly initialised ResDSN (width 8, patch 32) under `work`."""
+    torch.manual_seed(0)
+    uris = str(work / "coarse"), str(work / "fine")
+    for stage, uri in zip(("coarse", "fine"), uris):
+        if not (Path(uri) / CONFIG_FILE).exists():
+            save_bundle(uri, build_model("resdsn", width=8), ModelConfig(width=8, patch=32), stage)
+    return uris
+
+
+def tiny_ceiling(work: Path, cases: int, profile: str | None) -> None:
+    """Cases/s and driver CPU per case when the cases cost almost nothing: the orchestration ceiling."""
+    files = list_cases(str(work / "tiny-files")) if (work / "tiny-files").exists() else []
+    if not files:
+        write_archive(str(work / "tiny-files"), cases=4, seed=0, shape=(32, 32, 32))
+        files = list_cases(str(work / "tiny-files"))
+    manifest = work / f"tiny-{cases}.csv"
+    manifest.write_text("case_id,image_uri,label_uri\n" + "".join(
+        f"tiny{i:06d},{files[i % len(files)].image_uri},{files[i % len(files)].label_uri}\n" for i in range(cases)))
+    coarse, fine = random_bundles(work)
+    engine = EngineConfig(coarse=WindowConfig(n=0), fine=WindowConfig(n=0), device="cpu")  # one 32^3 window each
+    profiler = cProfile.Profile() if profile else None
+    out = tempfile.mkdtemp(prefix="tiny-out-", dir=work)
+    if profiler:
+        profiler.enable()
+    run = pipeline(str(manifest), out, coarse, fine, engine, "whole", None)
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(profile)
+    print(f"tiny-case ceiling ({cases} cases 32^3, one window per stage, {os.cpu_count()} CPUs): "
+          f"{cases / run.seconds:.1f} cases/s overall, {run.steady / 60:.1f} cases/s steady, first case after "
+          f"{run.first_s:.1f} s; driver CPU {run.driver_ms:.1f} ms/case; peak cluster memory {run.peak / 2**20:.0f} MiB"
+          + (f"; profile in {profile}" if profile else ""), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", type=int, default=40)
+    parser.add_argument("--cases", type=int, default=40, help="0: only the tiny-case ceiling")
     parser.add_argument("--small", type=int, default=10)
     parser.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64])
     parser.add_argument("--shapes", nargs="+", default=["whole", "split"], choices=["whole", "split"])
@@ -149,10 +209,23 @@ def main() -> None:
                         help="actors per pool, each with 1 torch thread (default: one per core over all pools)")
     parser.add_argument("--n-coarse", type=int, default=2)
     parser.add_argument("--n-fine", type=int, default=2)
+    parser.add_argument("--tiny", type=int, default=300, help="tiny cases for the orchestration ceiling (0: none)")
+    parser.add_argument("--profile", help="write a cProfile of the driver during the tiny run to this file")
     parser.add_argument("--work", help="working folder (default: a temporary one)")
     args = parser.parse_args()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-pipeline-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.1f}", flush=True)
+    if args.cases:
+        compare(args, work)
+    if args.tiny:
+        tiny_ceiling(work, args.tiny, args.profile)
+    print(f"load average now {os.getloadavg()[0]:.1f}; masks and rows under {work}")
+
+
+def compare(args: argparse.Namespace, work: Path) -> None:
+    """The pipeline against the best plain loop, and its memory on the full against the small archive."""
     archive = str(work / "archive")
     if not (work / "archive" / "dataset.json").exists():
         write_archive(archive, cases=args.cases, seed=0, shape=tuple(args.shape))
@@ -162,14 +235,10 @@ def main() -> None:
     if (Path(demo_bundle_uri("coarse")) / CONFIG_FILE).exists():
         coarse, fine, models = demo_bundle_uri("coarse"), demo_bundle_uri("fine"), "demo bundles"
     else:
-        torch.manual_seed(0)
-        coarse, fine, models = str(work / "coarse"), str(work / "fine"), "random ResDSN width 8, patch 32"
-        for stage, uri in (("coarse", coarse), ("fine", fine)):
-            save_bundle(uri, build_model("resdsn", width=8), ModelConfig(width=8, patch=32), stage)
+        (coarse, fine), models = random_bundles(work), "random ResDSN width 8, patch 32"
     engine = EngineConfig(coarse=WindowConfig(n=args.n_coarse), fine=WindowConfig(n=args.n_fine), device="cpu")
 
-    print(f"{args.cases} cases {tuple(args.shape)}, {models}, n={args.n_coarse}/{args.n_fine}, "
-          f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"{args.cases} cases {tuple(args.shape)}, {models}, n={args.n_coarse}/{args.n_fine}", flush=True)
     loops = {}
     for threads in sorted({1, os.cpu_count() or 1}):
         seconds, stopped = plain_loop(archive, str(work / f"loop-{threads}"), coarse, fine, engine, threads,
@@ -177,21 +246,22 @@ def main() -> None:
         loops[threads] = seconds
         print(f"plain loop, {threads} torch thread(s): {seconds:.1f} s{' (extrapolated from 3 cases; stopped)' if stopped else ''}, "
               f"{60 * args.cases / seconds:.2f} cases/min", flush=True)
-    best = min(loops.values())
+    best = 60 * args.cases / min(loops.values())
     actors = {s: args.actors or max(1, (os.cpu_count() or 1) // (2 if s == "split" else 1)) for s in args.shapes}
     for shape in args.shapes:
-        seconds, steady, peak, idle = pipeline(archive, str(work / f"out-{shape}"), coarse, fine, engine, shape, actors[shape])
-        print(f"pipeline {shape} ({actors[shape]} actor(s)/pool): {seconds:.1f} s, {60 * args.cases / seconds:.2f} cases/min "
-              f"(steady {steady:.2f}), throughput ratio vs best loop {best / seconds:.2f}; "
-              f"peak cluster memory {peak / 2**20:.0f} MiB (idle {idle / 2**20:.0f} MiB)", flush=True)
+        run = pipeline(archive, str(work / f"out-{shape}"), coarse, fine, engine, shape, actors[shape])
+        print(f"pipeline {shape} ({actors[shape]} actor(s)/pool): {run.seconds:.1f} s, {60 * args.cases / run.seconds:.2f} "
+              f"cases/min, ratio vs best loop {60 * args.cases / run.seconds / best:.2f}; steady {run.steady:.2f} cases/min, "
+              f"steady ratio vs best loop {run.steady / best:.2f}; start-up (first case) {run.first_s:.1f} s; "
+              f"driver CPU {run.driver_ms:.1f} ms/case; peak cluster memory {run.peak / 2**20:.0f} MiB "
+              f"(idle {run.idle / 2**20:.0f} MiB)", flush=True)
         if shape == args.shapes[0]:
-            full_peak = peak
+            full_peak = run.peak
     shape = args.shapes[0]
-    seconds, _, small_peak, idle = pipeline(str(small), str(work / "out-small"), coarse, fine, engine, shape, actors[shape])
-    print(f"pipeline {shape} on the first {args.small} cases: {seconds:.1f} s, peak cluster memory "
-          f"{small_peak / 2**20:.0f} MiB (idle {idle / 2**20:.0f} MiB)", flush=True)
-    print(f"memory ratio {args.cases}-case / {args.small}-case archive: {full_peak / small_peak:.2f}")
-    print(f"load average now {os.getloadavg()[0]:.1f}; masks and rows under {work}")
+    run = pipeline(str(small), str(work / "out-small"), coarse, fine, engine, shape, actors[shape])
+    print(f"pipeline {shape} on the first {args.small} cases: {run.seconds:.1f} s, peak cluster memory "
+          f"{run.peak / 2**20:.0f} MiB (idle {run.idle / 2**20:.0f} MiB)", flush=True)
+    print(f"memory ratio {args.cases}-case / {args.small}-case archive: {full_peak / run.peak:.2f}")
 
 
 if __name__ == "__main__":

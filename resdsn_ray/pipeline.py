@@ -220,7 +220,7 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
         if case.error:
             immediate.append(_listing_error(row, case, history))
         elif done and not missing:
-            immediate.append(_skipped(row, history))
+            immediate.append(_skipped(row, done))
         elif done and "probabilities" not in missing:  # the mask stands: write only what is missing
             complete.append(_completing(done, row, files, missing))
         else:
@@ -373,8 +373,7 @@ def _completing(done: dict[str, Any], row: dict[str, Any], files: dict[str, Any]
                 error=None, note=None)
 
 
-def _skipped(row: dict[str, Any], history: runs.History) -> dict[str, Any]:
-    done = history.done[row["case_id"]]
+def _skipped(row: dict[str, Any], done: dict[str, Any]) -> dict[str, Any]:
     now = utc_now()
     return dict(row, status=STATUS_SKIPPED, label_uri=row["label_uri"] or None,
                 **{f.column: done[f.column] for f in runs.OUTPUT_FILES.values()},

@@ -33,7 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from resdsn_ray import storage, volumes
@@ -209,22 +211,33 @@ def existing_files(output: str, kind: str = "mask", mode: str = "c2f") -> set[st
 
 
 class History:
-    """What earlier attempts in one mode under one output did: done cases, their files, attempt counts."""
+    """What earlier attempts in one mode under one output did: done cases, their files, attempt counts.
+
+    Built on Arrow columns, never a Python dict per row: a 100,000-case output with several runs
+    costs the driver one Arrow table of the latest done rows, one attempt count and one index
+    entry per case (bench/driver.py measures it). A done case's row becomes a dict when asked.
+    """
 
     def __init__(self, rows: pa.Table, files: dict[str, set[str]], mode: str = "c2f") -> None:
-        self.attempts: dict[str, int] = {}
-        self.done: dict[str, dict[str, Any]] = {}
         self.files = files  # kind -> case ids that have such a file
-        masks = files.get("mask", set())
-        for row in rows.sort_by([("finished_at", "ascending")]).to_pylist():
-            if row["status"] == STATUS_SKIPPED or row["mode"] != mode:
-                continue
-            case = row["case_id"]
-            self.attempts[case] = max(self.attempts.get(case, 0), row["attempt"] or 0)
-            if row["status"] in FINISHED and case in masks:
-                self.done[case] = row
-            else:
-                self.done.pop(case, None)  # a later failed attempt: the old result is stale
+        rows = rows.filter(pc.and_(pc.equal(rows["mode"], mode), pc.not_equal(rows["status"], STATUS_SKIPPED)))
+        # The latest row of each case: sorted by case, then finish time (stable: the later-written
+        # of two rows finished at the same instant wins); the last row of each case's run of rows.
+        rows = rows.take(pc.sort_indices(rows, [("case_id", "ascending"), ("finished_at", "ascending")]))
+        cases = rows["case_id"].combine_chunks()
+        changes = pc.not_equal(cases[1:], cases[:-1]).to_numpy(zero_copy_only=False)
+        last = np.flatnonzero(np.append(changes, True)) if len(rows) else np.zeros(0, np.int64)
+        attempts = rows.group_by("case_id", use_threads=False).aggregate([("attempt", "max")])
+        self.attempts: dict[str, int] = dict(zip(attempts["case_id"].to_pylist(),
+                                                 pc.fill_null(attempts["attempt_max"], 0).to_pylist()))
+        latest = rows.take(pa.array(last, pa.int64()))
+        finished = pc.is_in(latest["status"], value_set=pa.array(FINISHED, pa.string()))
+        has_mask = pc.is_in(latest["case_id"], value_set=pa.array(sorted(files.get("mask", set())), pa.string()))
+        self._keep(latest.filter(pc.and_(finished, has_mask)))  # a later failed attempt makes an old result stale
+
+    def _keep(self, done: pa.Table) -> None:
+        self._done = done
+        self._index = {case: i for i, case in enumerate(done["case_id"].to_pylist())}
 
     @classmethod
     def load(cls, output: str, mode: str = "c2f") -> History:
@@ -235,18 +248,20 @@ class History:
 
     def keep_stamped(self, mask_of: Callable[[str], str]) -> None:
         """Forget done cases whose mask was not written by their done row's attempt."""
-        cases = sorted(self.done)
+        done = self._done
+        cases = done["case_id"].to_pylist()
         with ThreadPoolExecutor(max_workers=STAMP_READERS) as pool:  # one small read per mask, many in flight
             stamps = list(pool.map(lambda case: volumes.read_description(mask_of(case)), cases))
-        for case, stamp in zip(cases, stamps):
-            row = self.done[case]
-            if stamp != mask_stamp(row["config_id"], mask_run(row), row["attempt"]):
-                del self.done[case]
+        owners = pc.coalesce(done["done_in_run"], done["run_id"]).to_pylist()
+        expected = (mask_stamp(c, r, a) for c, r, a in zip(done["config_id"].to_pylist(), owners, done["attempt"].to_pylist()))
+        self._keep(done.filter(pa.array([stamp == want for stamp, want in zip(stamps, expected)], pa.bool_())))
 
     def done_row(self, case_id: str, config: str) -> dict[str, Any] | None:
         """The row whose mask stands for `case_id` under `config` (None: the case is to segment)."""
-        row = self.done.get(case_id)
-        return row if row is not None and row["config_id"] == config else None
+        i = self._index.get(case_id)
+        if i is None or self._done["config_id"][i].as_py() != config:
+            return None
+        return self._done.slice(i, 1).to_pylist()[0]
 
     def is_done(self, case_id: str, config: str, needed: tuple[str, ...] = ("mask",)) -> bool:
         return self.done_row(case_id, config) is not None and not self.missing(case_id, needed)

@@ -71,3 +71,53 @@ def test_latest_rows_are_per_case_and_mode(tmp_path: Path):
     latest = query.latest(rows)
     assert [(r["mode"], r["status"], r["run_id"]) for r in latest] == [("c2f", "ok", "r2"), ("coarse", "ok", "r1")]
     assert [r["mode"] for r in query.latest(this_runs_cases(rows, [{"case_id": "a"}], "coarse"))] == ["coarse"]
+
+
+def _history_by_rows(rows: list[dict], masks: set[str], mode: str) -> tuple[dict[str, int], dict[str, dict]]:
+    """The resume rules walked row by row in finish order (the reference the column code must match)."""
+    attempts: dict[str, int] = {}
+    done: dict[str, dict] = {}
+    ordered = sorted(rows, key=lambda r: (r["finished_at"] is None, r["finished_at"] or T0))  # stable, nulls last
+    for row in ordered:
+        if row["status"] == "skipped" or row["mode"] != mode:
+            continue
+        case = row["case_id"]
+        attempts[case] = max(attempts.get(case, 0), row["attempt"] or 0)
+        if row["status"] in ("ok", "no_organ") and case in masks:
+            done[case] = row
+        else:
+            done.pop(case, None)
+    return attempts, done
+
+
+def test_history_on_columns_answers_as_the_rows_say(tmp_path: Path):
+    """A tricky history (ties in finish time, null attempts and times, skipped rows, other modes,
+    missing masks, several parts and runs): the same done rows and next attempts as walking it."""
+    rng = np.random.default_rng(3)
+    cases, statuses, modes = [f"c{i}" for i in range(40)], ["ok", "no_organ", "error", "skipped"], ["c2f", "coarse"]
+    written = []
+    for part in range(6):
+        rows = []
+        for _ in range(60):
+            minute = int(rng.integers(0, 8))  # few distinct times: many ties, settled by write order
+            row = _row(str(rng.choice(cases)), str(rng.choice(modes)), str(rng.choice(statuses)), str(rng.choice(["C", "K"])),
+                       minute, run=f"r{part}")
+            row["attempt"] = None if rng.random() < 0.1 else int(rng.integers(1, 5))
+            row["finished_at"] = None if rng.random() < 0.05 else row["finished_at"]
+            row["done_in_run"] = "r0" if rng.random() < 0.2 else None
+            rows.append(row)
+        runs.write_rows(str(tmp_path), f"r{part}", 0, rows)
+        written += rows
+    masks = {c for c in cases if rng.random() < 0.8}
+    table = runs.read_rows(str(tmp_path))
+    for mode in modes:
+        attempts, done = _history_by_rows(written, masks, mode)
+        history = runs.History(table, {"mask": masks}, mode)
+        for case in cases:
+            assert history.next_attempt(case) == attempts.get(case, 0) + 1, case
+            for config in ("C", "K"):
+                want = done.get(case) if done.get(case, {}).get("config_id") == config else None
+                got = history.done_row(case, config)
+                assert (got and (got["run_id"], got["status"], got["attempt"], got["finished_at"])) == \
+                    (want and (want["run_id"], want["status"], want["attempt"], want["finished_at"])), (mode, case)
+        assert sum(history.done_row(c, k) is not None for c in cases for k in "CK") == len(done) > 5
