@@ -23,10 +23,12 @@ and memory figures hold, the masks mean nothing.
 from __future__ import annotations
 
 import argparse
-import cProfile
+import contextlib
 import os
 import platform
 import resource
+import sys
+from collections import Counter
 import tempfile
 import threading
 import time
@@ -77,19 +79,89 @@ def descendants(root: int) -> list[int]:
     return out
 
 
-class PeakMemory:
-    """Peak summed PSS of this process and all its descendants (the local Ray cluster)."""
+class StackSampler:
+    """Where the driver's Python threads spend CPU: every `every` s each thread's stack from
+    `sys._current_frames`, weighted by the CPU ticks the thread used since the last sample
+    (`/proc/self/task/<tid>/stat`). cProfile sees one thread only, and Ray Data schedules in its own."""
+
+    def __init__(self, every: float = 0.01) -> None:
+        self.every, self._stop, self.own_cpu = every, threading.Event(), 0.0
+        self.inclusive: Counter[str] = Counter()
+        self.leaf: Counter[str] = Counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me, ticks = threading.get_ident(), {}
+        while not self._stop.wait(self.every):
+            native = {t.ident: t.native_id for t in threading.enumerate()}
+            for ident, frame in sys._current_frames().items():
+                if ident == me or ident not in native:
+                    continue
+                used = thread_ticks(native[ident])
+                weight, ticks[ident] = used - ticks.get(ident, used), used
+                if weight:
+                    self.leaf[_where(frame)] += weight
+                    for name in {_where(f) for f in _stack(frame)}:
+                        self.inclusive[name] += weight
+        self.own_cpu = time.thread_time()
+
+    def __enter__(self) -> StackSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self, top: int = 45) -> str:
+        total = sum(self.leaf.values()) or 1
+        lines = [f"{total} CPU ticks of the driver's Python threads, sampled every {self.every * 1000:g} ms", "inclusive:"]
+        lines += [f"{100 * n / total:5.1f}%  {name}" for name, n in self.inclusive.most_common(top)]
+        lines += ["self:"] + [f"{100 * n / total:5.1f}%  {name}" for name, n in self.leaf.most_common(top)]
+        return "\n".join(lines)
+
+
+def thread_ticks(tid: int) -> int:
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _stack(frame):  # noqa: ANN001, ANN202 (frames)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def _where(frame) -> str:  # noqa: ANN001
+    code = frame.f_code
+    return f"{code.co_name} ({'/'.join(code.co_filename.split('/')[-2:])}:{code.co_firstlineno})"
+
+
+class Monitor:
+    """Peak summed PSS of this process and all its descendants (the local Ray cluster), and the
+    driver's CPU seconds over time (without this thread's own), every `every` s."""
 
     def __init__(self, every: float = 0.2) -> None:
         self.every, self.peak, self._stop = every, 0, threading.Event()
+        self.cpu: list[tuple[float, float]] = []  # (time.time(), driver CPU s)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.cpu.append((time.time(), driver_cpu_s() - time.thread_time()))
             self.peak = max(self.peak, sum(pss_bytes(p) for p in descendants(os.getpid())))
             self._stop.wait(self.every)
+        self.cpu.append((time.time(), driver_cpu_s() - time.thread_time()))
 
-    def __enter__(self) -> PeakMemory:
+    def cpu_at(self, when: float) -> float:
+        """The driver's CPU seconds at `when` (the last sample before it)."""
+        return max((cpu for t, cpu in self.cpu if t <= when), default=self.cpu[0][1])
+
+    def __enter__(self) -> Monitor:
         self._thread.start()
         return self
 
@@ -133,13 +205,14 @@ class PipelineRun:
     seconds: float
     first_s: float  # from the call to the first finished case: start-up (listing, pools, first case)
     steady: float  # cases/min after the first finished case
-    driver_ms: float  # driver CPU per case
+    driver_ms: float  # driver CPU per case, the whole run
+    steady_driver_ms: float  # driver CPU per case after the first finished case
     peak: int  # cluster bytes
     idle: int
 
 
 def pipeline(archive: str, out: str, coarse: str, fine: str, engine: EngineConfig, shape: str,
-             actors: int | None) -> PipelineRun:
+             actors: int | None, cases_per_block: int = 1) -> PipelineRun:
     """A run on a fresh local Ray: its time, start-up, steady rate, driver CPU and cluster memory.
 
     Steady throughput counts the cases after the first finished one over the time since then,
@@ -148,18 +221,22 @@ def pipeline(archive: str, out: str, coarse: str, fine: str, engine: EngineConfi
     try:
         time.sleep(2)
         idle = sum(pss_bytes(p) for p in descendants(os.getpid()))
-        resources = Resources(shape=shape, coarse_actors=actors, fine_actors=actors, threads_per_actor=1)
+        resources = Resources(shape=shape, coarse_actors=actors, fine_actors=actors, threads_per_actor=1,
+                              cases_per_block=cases_per_block)
         job = ArchiveJob(input=archive, output=out, coarse=coarse, fine=fine, engine=engine, resources=resources)
-        with PeakMemory() as memory:
-            cpu, wall, start = driver_cpu_s(), time.time(), time.perf_counter()
+        with Monitor() as monitor:
+            wall, start = time.time(), time.perf_counter()
             result = run_archive(job, say=lambda line: None)
-            seconds, cpu = time.perf_counter() - start, driver_cpu_s() - cpu
+            seconds = time.perf_counter() - start
         rows = result.rows
         bad = [r for r in rows if r["status"] not in ("ok", "no_organ")]
         assert not bad, bad[:3]
         ends = sorted(r["finished_at"].timestamp() for r in rows)
         steady = 60 * (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else float("nan")
-        return PipelineRun(seconds, ends[0] - wall, steady, 1000 * cpu / len(rows), memory.peak, idle)
+        cpu = monitor.cpu[-1][1] - monitor.cpu[0][1]
+        steady_cpu = monitor.cpu_at(ends[-1]) - monitor.cpu_at(ends[0])
+        return PipelineRun(seconds, ends[0] - wall, steady, 1000 * cpu / len(rows),
+                           1000 * steady_cpu / max(1, len(rows) - 1), monitor.peak, idle)
     finally:
         ray.shutdown()
 
@@ -174,7 +251,7 @@ def random_bundles(work: Path) -> tuple[str, str]:
     return uris
 
 
-def tiny_ceiling(work: Path, cases: int, profile: str | None) -> None:
+def tiny_ceiling(work: Path, cases: int, cases_per_block: int, profile: str | None) -> None:
     """Cases/s and driver CPU per case when the cases cost almost nothing: the orchestration ceiling."""
     files = list_cases(str(work / "tiny-files")) if (work / "tiny-files").exists() else []
     if not files:
@@ -185,17 +262,16 @@ def tiny_ceiling(work: Path, cases: int, profile: str | None) -> None:
         f"tiny{i:06d},{files[i % len(files)].image_uri},{files[i % len(files)].label_uri}\n" for i in range(cases)))
     coarse, fine = random_bundles(work)
     engine = EngineConfig(coarse=WindowConfig(n=0), fine=WindowConfig(n=0), device="cpu")  # one 32^3 window each
-    profiler = cProfile.Profile() if profile else None
     out = tempfile.mkdtemp(prefix="tiny-out-", dir=work)
-    if profiler:
-        profiler.enable()
-    run = pipeline(str(manifest), out, coarse, fine, engine, "whole", None)
-    if profiler:
-        profiler.disable()
-        profiler.dump_stats(profile)
-    print(f"tiny-case ceiling ({cases} cases 32^3, one window per stage, {os.cpu_count()} CPUs): "
+    sampler = StackSampler()
+    with sampler if profile else contextlib.nullcontext():
+        run = pipeline(str(manifest), out, coarse, fine, engine, "whole", None, cases_per_block)
+    if profile:
+        Path(profile).write_text(sampler.report())
+    print(f"tiny-case ceiling ({cases} cases 32^3, one window per stage, {cases_per_block} case(s) per block, "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}): "
           f"{cases / run.seconds:.1f} cases/s overall, {run.steady / 60:.1f} cases/s steady, first case after "
-          f"{run.first_s:.1f} s; driver CPU {run.driver_ms:.1f} ms/case; peak cluster memory {run.peak / 2**20:.0f} MiB"
+          f"{run.first_s:.1f} s; driver CPU {run.driver_ms:.1f} ms/case (steady {run.steady_driver_ms:.1f}); peak cluster memory {run.peak / 2**20:.0f} MiB"
           + (f"; profile in {profile}" if profile else ""), flush=True)
 
 
@@ -210,7 +286,8 @@ def main() -> None:
     parser.add_argument("--n-coarse", type=int, default=2)
     parser.add_argument("--n-fine", type=int, default=2)
     parser.add_argument("--tiny", type=int, default=300, help="tiny cases for the orchestration ceiling (0: none)")
-    parser.add_argument("--profile", help="write a cProfile of the driver during the tiny run to this file")
+    parser.add_argument("--tiny-blocks", type=int, nargs="+", default=[1, 8], help="cases per block of the tiny runs")
+    parser.add_argument("--profile", help="write where the driver's threads spent the tiny run (sampled stacks) to this file")
     parser.add_argument("--work", help="working folder (default: a temporary one)")
     args = parser.parse_args()
 
@@ -219,8 +296,8 @@ def main() -> None:
     print(f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.1f}", flush=True)
     if args.cases:
         compare(args, work)
-    if args.tiny:
-        tiny_ceiling(work, args.tiny, args.profile)
+    for cases_per_block in args.tiny_blocks if args.tiny else ():
+        tiny_ceiling(work, args.tiny, cases_per_block, args.profile and f"{args.profile}.{cases_per_block}")
     print(f"load average now {os.getloadavg()[0]:.1f}; masks and rows under {work}")
 
 
@@ -253,7 +330,7 @@ def compare(args: argparse.Namespace, work: Path) -> None:
         print(f"pipeline {shape} ({actors[shape]} actor(s)/pool): {run.seconds:.1f} s, {60 * args.cases / run.seconds:.2f} "
               f"cases/min, ratio vs best loop {60 * args.cases / run.seconds / best:.2f}; steady {run.steady:.2f} cases/min, "
               f"steady ratio vs best loop {run.steady / best:.2f}; start-up (first case) {run.first_s:.1f} s; "
-              f"driver CPU {run.driver_ms:.1f} ms/case; peak cluster memory {run.peak / 2**20:.0f} MiB "
+              f"driver CPU {run.driver_ms:.1f} ms/case (steady {run.steady_driver_ms:.1f}); peak cluster memory {run.peak / 2**20:.0f} MiB "
               f"(idle {run.idle / 2**20:.0f} MiB)", flush=True)
         if shape == args.shapes[0]:
             full_peak = run.peak

@@ -225,7 +225,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
     job = replace(job, demo_models=used_demo, allow_prefixes=tuple(args.allow_uri_prefix or ()) or None,
                   outputs=settings(args, OutputConfig()))
     result = run_archive(job, say=say)
-    current = latest(this_runs_cases(runs.read_rows(output), result.rows, engine.mode))
+    current = latest(this_runs_cases(runs.read_rows(output), result.run_id, engine.mode))
     print(f"\nmasks: {runs.masks_uri(output, engine.mode)}\nrows:  {runs.metrics_uri(output, result.run_id)}\n"
           f"run:   {runs.run_record_uri(output, result.run_id)}\n")
     print(summarise(runs.row_table(current), output).text(), flush=True)
@@ -367,6 +367,9 @@ def add_archive_flags(parser: argparse.ArgumentParser) -> None:
     option(parser, "--task-cpus", Resources, "task_cpus", type=float,
            help="CPUs reserved per read or finish task (default: 1, less where the nodes have few CPUs)")
     option(parser, "--read-tasks", Resources, "read_tasks", help="concurrent read/preprocess and write/metrics tasks")
+    option(parser, "--cases-per-block", Resources, "cases_per_block",
+           help="cases per Ray Data block: one task per stage, so a process lost with it fails them all at first "
+                "(they are streamed again one per block); more cuts the driver's work per case (many small cases)")
     option(parser, "--actor-timeout", Resources, "actor_start_timeout_s",
            help="seconds to wait for the first model actor before failing (e.g. no GPU node)")
     option(parser, "--max-case-gb", Resources, "max_case_gb", type=float,

@@ -38,7 +38,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -85,11 +85,16 @@ PROCESS_RETRIES = 2
 @dataclass
 class RunResult:
     run_id: str
-    rows: list[dict[str, Any]]  # this run's rows (`runs.COLUMNS`), in the order they finished
+    output: str
     counts: dict[str, int]
     seconds: float
     record: dict[str, Any]
 
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """This run's rows (`runs.COLUMNS`) in the order they were written, read back from its
+        Parquet parts: the driver keeps none (a million-case run would hold a million dicts)."""
+        return runs.read_rows(self.output, self.run_id).to_pylist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,16 +109,23 @@ def _task_args(job: ArchiveJob) -> dict[str, Any]:
             "runtime_env": runtime_env(), "max_retries": PROCESS_RETRIES}
 
 
-def build_completion(rows: list[dict[str, Any]], job: ArchiveJob):
+def blocks(rows: pa.Table, cases_per_block: int = 1):
+    """`rows` as a Ray Data dataset of blocks of `cases_per_block` cases (each block is one task of
+    every stage: a process lost with it fails all its cases)."""
+    return ray.data.from_arrow([rows.slice(start, cases_per_block) for start in range(0, rows.num_rows, cases_per_block)])
+
+
+def build_completion(rows: pa.Table, job: ArchiveJob, cases_per_block: int = 1):
     """The lazy Ray Data stream of done cases that lack asked files (no model: CPU tasks only)."""
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = blocks(rows, cases_per_block)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map(complete_case, fn_kwargs={"outputs": job.outputs}, **_task_args(job))
 
 
-def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[str, PreprocessConfig | None]):
-    """The lazy Ray Data stream of `rows` (one case per block) through all stages."""
+def build_dataset(rows: pa.Table, job: ArchiveJob, preprocess: dict[str, PreprocessConfig | None],
+                  cases_per_block: int = 1):
+    """The lazy Ray Data stream of `rows` through all stages."""
     res = job.resources
     context = DataContext.get_current()
     context.wait_for_min_actors_s = res.actor_start_timeout_s
@@ -141,7 +153,7 @@ def build_dataset(rows: list[dict[str, Any]], job: ArchiveJob, preprocess: dict[
             "max_task_retries": PROCESS_RETRIES,
         }
 
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = blocks(rows, cases_per_block)
     engine = job.engine
     common = {"engine": engine, "threads": threads, "gpu": bool(res.gpus_per_actor)}
     with warnings.catch_warnings():
@@ -195,37 +207,18 @@ def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResul
 
 def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float, say: Callable[[str], None]) -> RunResult:
     listing = scan(job.input, allow_prefixes=job.allow_prefixes)
-    cases = listing.cases
+    listed = len(listing.cases)
     mode = job.engine.mode
     coarse = load_bundle(job.coarse, allow_unfit=job.allow_unfit) if mode != "fine" else None
     fine = load_bundle(job.fine, allow_unfit=job.allow_unfit) if mode != "coarse" else None
     ids = {"coarse": coarse.id if coarse else None, "fine": fine.id if fine else None}
     settings = {"coarse_model": ids["coarse"], "fine_model": ids["fine"], **mask_settings(job.engine)}
     cfg = runs.config_id(settings)
-    history = runs.History.load(job.output, mode)
-
     base = {"run_id": run_id, "coarse_model": ids["coarse"], "fine_model": ids["fine"], "config_id": cfg, "mode": mode,
             "fold": job.fold, "demo_models": job.demo_models}
-    immediate: list[dict[str, Any]] = []
-    todo: list[dict[str, Any]] = []
-    complete: list[dict[str, Any]] = []
-    for case in cases:
-        row = dict(base, case_id=case.case_id, image_uri=case.image_uri, series_uid=case.series_uid or "",
-                   label_uri=case.label_uri or "")
-        needed = runs.asked_files(job.outputs, not is_nifti(case.image_uri))
-        files = {f.column: None for f in runs.OUTPUT_FILES.values()} | {
-            runs.OUTPUT_FILES[kind].column: runs.file_uri(job.output, kind, case.case_id, mode) for kind in needed}
-        done = None if job.overwrite or case.error else history.done_row(case.case_id, cfg)
-        missing = history.missing(case.case_id, needed) if done else list(needed)
-        if case.error:
-            immediate.append(_listing_error(row, case, history))
-        elif done and not missing:
-            immediate.append(_skipped(row, done))
-        elif done and "probabilities" not in missing:  # the mask stands: write only what is missing
-            complete.append(_completing(done, row, files, missing))
-        else:
-            todo.append(dict(row, **files, to_write=list(needed), attempt=history.next_attempt(case.case_id)))
-
+    plan = plan_run(listing.cases, job, base, runs.History.load(job.output, mode))
+    listing = replace(listing, cases=[])  # the plan holds what the run needs of them
+    todo, complete = plan.todo, plan.complete
     record = {
         "run_id": run_id,
         "status": "running",
@@ -240,39 +233,41 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
         "settings": settings,
         "provenance": provenance(job.engine.device),
         "started_at": utc_iso(started),
-        "cases": len(cases),
-        "to_segment": len(todo),
-        "to_complete": len(complete),
+        "cases": listed,
+        "to_segment": todo.num_rows,
+        "to_complete": complete.num_rows,
         "outputs": to_dict(job.outputs),
         "skipped_files": [f"{s.uri}: {s.reason}" for s in listing.skipped[:SKIPPED_SHOWN]],
         "skipped_files_count": len(listing.skipped),
     }
     runs.write_run_record(job.output, run_id, record)
-    say(f"run {run_id}: {len(cases)} cases in {job.input}; {len(todo)} to segment, "
-        + (f"{len(complete)} segmented but lacking asked files, " if complete else "")
-        + f"{sum(r['status'] == STATUS_SKIPPED for r in immediate)} already done, "
-        f"{sum(r['status'] == STATUS_ERROR for r in immediate)} rejected at listing")
+    immediate = {count["values"]: count["counts"] for count in pc.value_counts(plan.immediate["status"]).to_pylist()}
+    say(f"run {run_id}: {listed} cases in {job.input}; {todo.num_rows} to segment, "
+        + (f"{complete.num_rows} segmented but lacking asked files, " if complete.num_rows else "")
+        + f"{immediate.get(STATUS_SKIPPED, 0)} already done, {immediate.get(STATUS_ERROR, 0)} rejected at listing")
     if listing.skipped:
         say(f"{len(listing.skipped)} file(s) not a case (localizers, reports, non-images), e.g. "
             + "; ".join(f"{s.uri}: {s.reason}" for s in listing.skipped[:3]) + f" (run record: up to {SKIPPED_SHOWN})")
 
     writer = _RowWriter(job, run_id, held)
-    for row in immediate:
+    for row in _pylist(plan.immediate):
         writer.add(row)
-    progress = _Progress(len(todo) + len(complete), job.progress_s, say)
+    del plan
+    progress = _Progress(todo.num_rows + complete.num_rows, job.progress_s, say)
     try:
-        if todo or complete:
+        if todo.num_rows or complete.num_rows:
             job = replace(job, resources=_connect_and_resolve(job))
             record["resources"] = to_dict(job.resources)
             preprocess = {"coarse": coarse.preprocess if coarse else None, "fine": fine.preprocess if fine else None}
-            _stream(complete, lambda rows: build_completion(rows, job), writer, progress)
-            _stream(todo, lambda rows: build_dataset(rows, job, preprocess), writer, progress)
+            per_block = job.resources.cases_per_block
+            _stream(complete, lambda rows, k: build_completion(rows, job, k), per_block, writer, progress)
+            _stream(todo, lambda rows, k: build_dataset(rows, job, preprocess, k), per_block, writer, progress)
     except BaseException as err:  # any failure, Ctrl-C or SIGTERM: keep what is done, say why the run ended
         failure = _start_failure(job) if isinstance(err, GetTimeoutError) else err
         if held is None or not held.lost:  # a run that lost its lease to another writes nothing more
             writer.flush()
             record.update(status="failed", error=_reason(failure), ended_at=utc_iso(),
-                          counts=dict(Counter(r["status"] for r in writer.rows)))
+                          counts=dict(writer.counts))
             runs.write_run_record(job.output, run_id, record)
         if failure is err:
             raise
@@ -281,30 +276,35 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
     progress.report(final=True)
 
     ended = time.time()
-    counts = dict(Counter(r["status"] for r in writer.rows))
+    counts = dict(writer.counts)
     record.update(status="finished", ended_at=utc_iso(ended), seconds=ended - started, counts=counts,
                   parts=writer.parts, cases_per_min=progress.rate())
     runs.write_run_record(job.output, run_id, record)
-    return RunResult(run_id=run_id, rows=writer.rows, counts=counts, seconds=ended - started, record=record)
+    return RunResult(run_id=run_id, output=job.output, counts=counts, seconds=ended - started, record=record)
 
 
-def _stream(rows: list[dict[str, Any]], build: Callable[[list[dict[str, Any]]], Any], writer: _RowWriter,
+def _stream(rows: pa.Table, build: Callable[[pa.Table, int], Any], cases_per_block: int, writer: _RowWriter,
             progress: _Progress) -> None:
-    """Run `rows` through the stream `build` makes, each output row written as it comes; a case the
-    stream lost (its process died on every retry) becomes an error row."""
-    if not rows:
+    """Run `rows` through the stream `build` makes, `cases_per_block` cases per block, each output
+    row written as it comes; a case the stream lost (its process died on every retry) becomes an
+    error row, after one more pass alone if it shared its block (so one case killing its process
+    does not fail its neighbours)."""
+    if not rows.num_rows:
         return
     seen: set[str] = set()
-    for row in build(rows).iter_rows():
+    for row in build(rows, cases_per_block).iter_rows():
         row = _from_stream(row)
         seen.add(row["case_id"])
         writer.add(row)
         progress.update(row)
-    for row in rows:
-        if row["case_id"] not in seen:
-            lost = _lost(row)
-            writer.add(lost)
-            progress.update(lost)
+    lost = rows.filter(pc.invert(pc.is_in(rows["case_id"], value_set=pa.array(seen, pa.string()))))
+    if cases_per_block > 1:
+        _stream(lost, build, 1, writer, progress)
+        return
+    for row in _pylist(lost):
+        lost = _lost(row)
+        writer.add(lost)
+        progress.update(lost)
 
 
 def _start_failure(job: ArchiveJob) -> InputError:
@@ -349,6 +349,75 @@ def fit_case_memory(asked_gb: float | None, node_memory: list[float]) -> float |
         raise InputError("--max-case-gb", f"{asked_gb:g} GB per case does not fit twice on the smallest node "
                                           f"({smallest:.1f} GB for Ray); lower it or use larger nodes")
     return asked_gb if asked_gb is not None else round(smallest / CASES_PER_NODE, 3)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run's cases by what they need, as Arrow tables: no Python object per case is kept."""
+
+    immediate: pa.Table  # rows written as they are (`runs.ROW_SCHEMA`): already done, rejected at listing
+    complete: pa.Table  # done cases lacking asked files: the rows `complete_case` takes
+    todo: pa.Table  # cases to segment: the rows `read_case` takes
+
+
+def plan_run(cases: list[Case], job: ArchiveJob, base: dict[str, Any], history: runs.History) -> Plan:
+    """Sort the listed cases by what earlier runs left: done, rejected, to complete, to segment."""
+    cfg, mode = base["config_id"], base["mode"]
+    immediate, complete, todo = _Tables(runs.ROW_SCHEMA), _Tables(), _Tables()
+    for case in cases:
+        row = dict(base, case_id=case.case_id, image_uri=case.image_uri, series_uid=case.series_uid or "",
+                   label_uri=case.label_uri or "")
+        needed = runs.asked_files(job.outputs, not is_nifti(case.image_uri))
+        files = {f.column: None for f in runs.OUTPUT_FILES.values()} | {
+            runs.OUTPUT_FILES[kind].column: runs.file_uri(job.output, kind, case.case_id, mode) for kind in needed}
+        done = None if job.overwrite or case.error else history.done_row(case.case_id, cfg)
+        missing = history.missing(case.case_id, needed) if done else list(needed)
+        if case.error:
+            immediate.append(_listing_error(row, case, history))
+        elif done and not missing:
+            immediate.append(_skipped(row, done))
+        elif done and "probabilities" not in missing:  # the mask stands: write only what is missing
+            complete.append(_completing(done, row, files, missing))
+        else:
+            todo.append(dict(row, **files, to_write=list(needed), attempt=history.next_attempt(case.case_id)))
+    return Plan(immediate.table(), complete.table(), todo.table())
+
+
+PLAN_CHUNK = 4096  # case rows turned into Arrow at a time while planning: bounds the dicts alive at once
+_STREAM_FIELDS = {field.name: field for field in runs.ROW_SCHEMA} | {"to_write": pa.field("to_write", pa.list_(pa.string()))}
+
+
+class _Tables:
+    """Rows gathered into one Arrow table, `PLAN_CHUNK` dicts at a time (schema: `schema`, else
+    the first row's keys typed as in `runs.ROW_SCHEMA`)."""
+
+    def __init__(self, schema: pa.Schema | None = None) -> None:
+        self.schema = schema
+        self.rows: list[dict[str, Any]] = []
+        self.tables: list[pa.Table] = []
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= PLAN_CHUNK:
+            self._convert()
+
+    def _convert(self) -> None:
+        if self.rows:
+            self.schema = self.schema or pa.schema([_STREAM_FIELDS[name] for name in self.rows[0]])
+            self.tables.append(pa.Table.from_pylist(self.rows, schema=self.schema))
+            self.rows = []
+
+    def table(self) -> pa.Table:
+        self._convert()
+        if not self.tables:
+            return (self.schema or pa.schema([_STREAM_FIELDS["case_id"]])).empty_table()
+        return pa.concat_tables(self.tables)
+
+
+def _pylist(rows: pa.Table) -> Iterator[dict[str, Any]]:
+    """A table's rows as dicts, a batch at a time."""
+    for batch in rows.to_batches(max_chunksize=PLAN_CHUNK):
+        yield from batch.to_pylist()
 
 
 def _listing_error(row: dict[str, Any], case: Case, history: runs.History) -> dict[str, Any]:
@@ -396,19 +465,19 @@ def _from_stream(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class _RowWriter:
-    """Buffers rows and appends them as part files of this run, whole file at a time."""
+    """Buffers rows and appends them as part files of this run, whole file at a time; keeps only
+    the counts by status (the rows are in the parts: `RunResult.rows`)."""
 
     def __init__(self, job: ArchiveJob, run_id: str, held: lease.Lease | None) -> None:
         self.job, self.run_id, self.held = job, run_id, held
-        self.rows: list[dict[str, Any]] = []
+        self.counts: Counter[str] = Counter()
         self.pending: list[dict[str, Any]] = []
         self.parts: list[str] = []
         self.last = time.monotonic()
 
     def add(self, row: dict[str, Any]) -> None:
-        row = {name: row.get(name) for name in runs.COLUMNS}
-        self.rows.append(row)
-        self.pending.append(row)
+        self.counts[row["status"]] += 1
+        self.pending.append({name: row.get(name) for name in runs.COLUMNS})
         if len(self.pending) >= self.job.flush_rows or time.monotonic() - self.last >= self.job.flush_s:
             self.flush()
 
@@ -449,7 +518,7 @@ class _Progress:
         self.last = time.monotonic()
 
 
-def this_runs_cases(rows: pa.Table, run_rows: list[dict[str, Any]], mode: str) -> pa.Table:
-    """Every row, of any run, of the cases of `run_rows` in `mode`: the history their summary needs."""
-    ids = pa.array(sorted({r["case_id"] for r in run_rows}), pa.string())
+def this_runs_cases(rows: pa.Table, run_id: str, mode: str) -> pa.Table:
+    """Every row, of any run, of the cases of run `run_id` in `mode`: the history their summary needs."""
+    ids = pc.unique(rows.filter(pc.equal(rows["run_id"], run_id))["case_id"])
     return rows.filter(pc.and_(pc.is_in(rows["case_id"], value_set=ids), pc.equal(rows["mode"], mode)))

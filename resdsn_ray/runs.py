@@ -167,13 +167,14 @@ def write_rows(output: str, run_id: str, seq: int, rows: list[dict[str, Any]]) -
     return uri
 
 
-def read_rows(output: str) -> pa.Table:
-    """Every row of every run under `output` (an empty table when there are none).
+def read_rows(output: str, run_id: str | None = None) -> pa.Table:
+    """Every row of every run under `output`, or of run `run_id` in the order written (an empty
+    table when there are none).
 
     Files are read one by one with the row schema, not as a hive dataset, because `run_id`
     is both a column and the folder name.
     """
-    fs, path = storage.filesystem(metrics_uri(output))
+    fs, path = storage.filesystem(metrics_uri(output, run_id))
     fs.invalidate_cache()
     try:
         files = sorted(f for f in fs.find(path) if f.endswith(".parquet") and not posixpath.basename(f).startswith("."))

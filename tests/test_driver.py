@@ -1,5 +1,5 @@
-"""The archive driver's refusals before any work starts (no Ray needed): one writer per output,
-and a run id is never reused."""
+"""The archive driver without Ray: its refusals before any work starts (one writer per output, a
+run id is never reused), the plan of a run as Arrow tables, and a row writer that keeps no rows."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from resdsn_ray import lease, runs
-from resdsn_ray.config import ArchiveJob
+from resdsn_ray.archive import Case
+from resdsn_ray.config import ArchiveJob, OutputConfig
 from resdsn_ray.errors import InputError
-from resdsn_ray.pipeline import run_archive
+from resdsn_ray.pipeline import PLAN_CHUNK, RunResult, _RowWriter, plan_run, run_archive
+from resdsn_ray.provenance import utc_now
 from resdsn_ray.synthetic import write_archive
 
 
@@ -36,3 +38,54 @@ def test_a_run_id_is_never_reused(tmp_path: Path, archive: str):
     runs.write_run_record(output, "r1", {"run_id": "r1", "status": "finished"})
     with pytest.raises(InputError, match="--run-id: 'r1' is a run of"):
         run_archive(ArchiveJob(input=archive, output=output, coarse=None, fine=None, run_id="r1"))
+
+
+def test_the_writer_keeps_counts_only_and_the_result_reads_the_run_back_in_order(tmp_path: Path):
+    output = str(tmp_path / "out")
+    runs.write_rows(output, "other", 0, [{"run_id": "other", "case_id": "x", "status": "ok"}])  # another run's row
+    job = ArchiveJob(input="unused", output=output, coarse=None, fine=None, flush_rows=3)
+    writer = _RowWriter(job, "r1", None)
+    written = [{"run_id": "r1", "case_id": f"c{i}", "status": "error" if i % 3 else "ok", "attempt": 1,
+                "shape": [4, 4, 2], "finished_at": utc_now()} for i in range(7)]
+    for row in written:
+        writer.add(row)
+    assert len(writer.parts) == 2 and len(writer.pending) == 1  # nothing beyond the unflushed part
+    assert not [name for name, value in vars(writer).items() if isinstance(value, list) and len(value) > job.flush_rows]
+    writer.flush()
+    assert writer.counts == {"ok": 3, "error": 4}
+    rows = RunResult(run_id="r1", output=output, counts=dict(writer.counts), seconds=0.0, record={}).rows
+    assert [(r["case_id"], r["status"], r["shape"], r["finished_at"]) for r in rows] == \
+        [(r["case_id"], r["status"], r["shape"], r["finished_at"]) for r in written]
+
+
+def test_the_plan_sorts_cases_into_arrow_tables_by_what_they_need(tmp_path: Path):
+    """More cases than one conversion chunk: rejected at listing, done (skipped), done but lacking
+    an asked preview (complete), and to segment with the next attempt number."""
+    output = str(tmp_path / "out")
+    n = PLAN_CHUNK + 10
+    cases = [Case(f"c{i:05d}", f"/data/c{i:05d}.nii.gz", error="listing says no" if i % 5 == 0 else None) for i in range(n)]
+    done = {c.case_id for i, c in enumerate(cases) if i % 5 in (1, 2)}
+    history_rows = [{"run_id": "r0", "case_id": case, "status": "ok", "attempt": 2, "mode": "c2f", "config_id": "C",
+                     "finished_at": utc_now()} for case in sorted(done)]
+    history_rows += [{"run_id": "r0", "case_id": cases[3].case_id, "status": "error", "attempt": 4, "mode": "c2f",
+                      "config_id": "C", "finished_at": utc_now()}]
+    previews = {c.case_id for i, c in enumerate(cases) if i % 5 == 1}
+    history = runs.History(runs.row_table(history_rows), {"mask": done, "preview": previews})
+    job = ArchiveJob(input="unused", output=output, coarse=None, fine=None, outputs=OutputConfig(preview=True))
+    base = {"run_id": "r1", "coarse_model": "k", "fine_model": "f", "config_id": "C", "mode": "c2f", "fold": None,
+            "demo_models": False}
+    plan = plan_run(cases, job, base, history)
+    by_status = plan.immediate.group_by("status").aggregate([("case_id", "count")]).to_pylist()
+    assert sorted((r["status"], r["case_id_count"]) for r in by_status) == \
+        [("error", sum(i % 5 == 0 for i in range(n))), ("skipped", len(previews))]
+    assert plan.immediate.schema == runs.ROW_SCHEMA
+    assert plan.complete["case_id"].to_pylist() == sorted(done - previews)
+    assert plan.complete["to_write"].to_pylist() == [["preview"]] * len(done - previews)
+    assert set(plan.complete["done_in_run"].to_pylist()) == {"r0"} and set(plan.complete["run_id"].to_pylist()) == {"r1"}
+    todo = plan.todo.to_pylist()
+    assert [r["case_id"] for r in todo] == [c.case_id for i, c in enumerate(cases) if i % 5 in (3, 4)]
+    assert todo[0] == {**base, "case_id": "c00003", "image_uri": "/data/c00003.nii.gz", "series_uid": "", "label_uri": "",
+                       "mask_uri": runs.mask_uri(output, "c00003"), "seg_uri": None, "probabilities_uri": None,
+                       "preview_uri": runs.file_uri(output, "preview", "c00003"), "to_write": ["mask", "preview"],
+                       "attempt": 5}
+    assert {r["attempt"] for r in todo[1:]} == {1}

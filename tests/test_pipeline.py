@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -16,10 +17,12 @@ from pathlib import Path
 import boto3
 import nibabel as nib
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pydicom
 import pytest
 import torch
+from ray.data import DataContext
 from ray_cluster import ray_cluster_fixture, ray_driver_fixture  # noqa: F401  (session fixtures)
 
 from resdsn_ray import runs, storage
@@ -30,7 +33,7 @@ from resdsn_ray.devices import resolve_precision
 from resdsn_ray.engine import CoarseToFine
 from resdsn_ray.errors import InputError
 from resdsn_ray.model import build_model
-from resdsn_ray.pipeline import auto_actors, run_archive
+from resdsn_ray.pipeline import _Progress, _RowWriter, _stream, auto_actors, blocks, run_archive
 from resdsn_ray.stages import WholeCase, finish_case, read_case
 from resdsn_ray.synthetic import write_archive
 from resdsn_ray.volumes import nifti_bytes, read_volume
@@ -277,3 +280,30 @@ def test_default_pool_sizes_share_out_the_cluster(shape_gpus, cluster, expected)
 def test_cpu_reservations_that_would_stall_are_refused():
     with pytest.raises(InputError, match="would stall"):
         fit_cpus(2, [2.0], 1.0, 1.0)
+
+
+def test_a_case_that_kills_its_block_fails_alone(ray_driver, tmp_path):
+    """Cases share blocks (`--cases-per-block`): a block whose process dies is streamed again one
+    case per block, so only the case that kills its process becomes an error row."""
+    table = pa.table({"case_id": ["a", "bad", "c", "d", "e"], "label_uri": [""] * 5})
+    assert blocks(table, 2).num_blocks() == 3 and blocks(table).num_blocks() == 5
+    passes = []
+
+    def dies_on_bad(row: dict) -> dict:  # nested: Ray ships it by value to workers that cannot import this module
+        if row["case_id"] == "bad":
+            os._exit(1)  # the process really dies, as one killed for memory would
+        return {"case_id": row["case_id"], "status": "ok"}
+
+    def build(rows: pa.Table, cases_per_block: int):
+        passes.append((rows["case_id"].to_pylist(), cases_per_block))
+        DataContext.get_current().max_errored_blocks = -1  # as build_dataset: a lost block must not end the run
+        return blocks(rows, cases_per_block).map(dies_on_bad, max_retries=0)
+
+    job = ArchiveJob(input="unused", output=str(tmp_path / "out"), coarse=None, fine=None)
+    writer, lines = _RowWriter(job, "r1", None), []
+    _stream(table, build, 2, writer, _Progress(table.num_rows, 1e9, lines.append))
+    writer.flush()
+    rows = {r["case_id"]: r for r in runs.read_rows(job.output, "r1").to_pylist()}
+    assert passes == [(["a", "bad", "c", "d", "e"], 2), (["a", "bad"], 1)]
+    assert {case: r["status"] for case, r in rows.items()} == {"a": "ok", "bad": "error", "c": "ok", "d": "ok", "e": "ok"}
+    assert rows["bad"]["retryable"] and "died" in rows["bad"]["error"]

@@ -70,7 +70,7 @@ def test_latest_rows_are_per_case_and_mode(tmp_path: Path):
     rows = runs.read_rows(str(out))
     latest = query.latest(rows)
     assert [(r["mode"], r["status"], r["run_id"]) for r in latest] == [("c2f", "ok", "r2"), ("coarse", "ok", "r1")]
-    assert [r["mode"] for r in query.latest(this_runs_cases(rows, [{"case_id": "a"}], "coarse"))] == ["coarse"]
+    assert [r["mode"] for r in query.latest(this_runs_cases(rows, "r3", "coarse"))] == ["coarse"]
 
 
 def _history_by_rows(rows: list[dict], masks: set[str], mode: str) -> tuple[dict[str, int], dict[str, dict]]:
