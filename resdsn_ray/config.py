@@ -231,7 +231,7 @@ class Resources(Settings):
     task_cpus: float | None = None  # each read/preprocess and finish/write task; None: fitted
     threads_per_actor: int | None = None  # torch CPU threads per actor; None: round(cpus_per_actor), at least 1
     read_tasks: int = 2
-    cases_per_block: int = 1  # cases per Ray Data block (one task per stage); more: less driver work per case
+    cases_per_block: int | None = None  # cases per Ray Data block (one task per stage); None: 1, more past `pipeline.MAX_BLOCKS` cases
     actor_start_timeout_s: float = 600.0  # fail instead of hanging when no node can host an actor
     max_case_gb: float | None = None  # memory one case may need (reserved per task and actor); None: 1/8 of the smallest node's
     case_timeout_s: float | None = 3600.0  # a case still running this long after its read began becomes an error row
@@ -243,7 +243,7 @@ class Resources(Settings):
             self.require(name, getattr(self, name) is None or getattr(self, name) > 0, "positive")
         self.require("gpus_per_actor", self.gpus_per_actor is None or self.gpus_per_actor >= 0, "0 or more")
         self.require("read_tasks", self.read_tasks >= 1, "at least 1")
-        self.require("cases_per_block", self.cases_per_block >= 1, "at least 1")
+        self.require("cases_per_block", self.cases_per_block is None or self.cases_per_block >= 1, "at least 1")
         self.require("actor_start_timeout_s", self.actor_start_timeout_s > 0, "positive")
         self.require("max_case_gb", self.max_case_gb is None or self.max_case_gb > 0, "positive")
         self.require("case_timeout_s", self.case_timeout_s is None or self.case_timeout_s > 0, "positive")

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from resdsn_ray import lease, runs
 from resdsn_ray.archive import Case
 from resdsn_ray.config import ArchiveJob, OutputConfig
 from resdsn_ray.errors import InputError
-from resdsn_ray.pipeline import PLAN_CHUNK, RunResult, _RowWriter, plan_run, run_archive
+from resdsn_ray.config import Resources
+from resdsn_ray.pipeline import MAX_BLOCKS, PLAN_CHUNK, RunResult, _RowWriter, block_size, plan_run, run_archive
 from resdsn_ray.provenance import utc_now
 from resdsn_ray.synthetic import write_archive
 
@@ -89,3 +91,11 @@ def test_the_plan_sorts_cases_into_arrow_tables_by_what_they_need(tmp_path: Path
                        "preview_uri": runs.file_uri(output, "preview", "c00003"), "to_write": ["mask", "preview"],
                        "attempt": 5}
     assert {r["attempt"] for r in todo[1:]} == {1}
+
+
+def test_blocks_hold_one_case_until_there_are_too_many_blocks():
+    job = ArchiveJob(input="unused", output="unused", coarse=None, fine=None)
+    sizes = {n: block_size(job, pa.table({"case_id": [str(i) for i in range(n)]})) for n in (1, MAX_BLOCKS, MAX_BLOCKS + 1, 50 * MAX_BLOCKS)}
+    assert sizes == {1: 1, MAX_BLOCKS: 1, MAX_BLOCKS + 1: 2, 50 * MAX_BLOCKS: 50}
+    asked = ArchiveJob(input="unused", output="unused", coarse=None, fine=None, resources=Resources(cases_per_block=8))
+    assert block_size(asked, pa.table({"case_id": ["a"]})) == 8
