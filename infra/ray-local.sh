@@ -7,6 +7,7 @@
 # machine.
 #
 #   infra/ray-local.sh start [STATE_DIR]   # prints the exports to use (also in STATE_DIR/env)
+#   infra/ray-local.sh add-node STATE_DIR NAME   # one more worker node, with the resource NAME
 #   infra/ray-local.sh stop  [STATE_DIR]
 #
 # Settings (environment): RAY_LOCAL_CPUS (per node, default 1), RAY_LOCAL_OBJECT_STORE_MB
@@ -16,7 +17,7 @@
 set -euo pipefail
 export RAY_AUTH_MODE=token  # the cluster's default; every client and joining node needs it set
 
-cmd=${1:?usage: $0 start|stop [STATE_DIR]}
+cmd=${1:?usage: $0 start|add-node|stop [STATE_DIR] [NAME]}
 state=${2:-/tmp/resdsn-ray-$(id -u)}  # keep it short: Ray's socket paths must fit in 107 bytes
 repo=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$repo/.venv/bin/python}
@@ -94,6 +95,15 @@ join() {  # join ADDRESS ROLE RESOURCE: a worker node, its session's leader in $
   return 1
 }
 
+add_node() {
+  local name=${1:?usage: $0 add-node STATE_DIR NAME}
+  [[ -f $state/env ]] || { echo "no cluster in $state; start one first" >&2; exit 1; }
+  [[ -f $state/$name.pid ]] && { echo "node $name already added" >&2; exit 1; }
+  join "$(sed -n 's/^export RAY_GCS_ADDRESS=//p' "$state/env")" "$name" "$name" && return 0
+  rm -f "$state/$name.pid"  # only the node that failed: the cluster lives on
+  exit 1
+}
+
 ours() {  # live PIDs of the given sessions and of the sessions their processes started (job drivers)
   ps -eo pid=,ppid=,sid=,stat= | awk -v sessions="$*" '
     BEGIN { n = split(sessions, s, " "); for (i = 1; i <= n; i++) S[s[i]] = 1 }
@@ -130,6 +140,7 @@ stop() {
 
 case $cmd in
   start) start ;;
+  add-node) add_node "${3:-}" ;;
   stop) stop ;;
-  *) echo "usage: $0 start|stop [STATE_DIR]" >&2; exit 2 ;;
+  *) echo "usage: $0 start|add-node|stop [STATE_DIR] [NAME]" >&2; exit 2 ;;
 esac

@@ -9,8 +9,11 @@ the non-secret S3 settings in `WORKER_ENV` travel with tasks and actors.
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
+import threading
+import time
 from typing import Any
 
 import ray
@@ -87,3 +90,72 @@ def fit_cpus(actors: int, node_cpus: list[float], actor: float | None = None, ta
         )
     return actor, task
 
+
+def can_host(cpus: float, gpus: float) -> bool:
+    """Whether some alive node of the connected cluster has room for an actor of this size."""
+    return any(n.get("Alive") and n["Resources"].get("CPU", 0.0) >= cpus and n["Resources"].get("GPU", 0.0) >= gpus
+               for n in ray.nodes())
+
+
+class HostWatch:
+    """Ends a run whose model actors lost every node able to host them.
+
+    Ray restarts a lost actor once some node can take it, so a pool whose only eligible nodes died
+    waits forever, silently (`wait_for_min_actors_s` bounds only the pool's start). The watch
+    gives the cluster `wait_s` to bring a replacement (an autoscaler launching a node), then
+    interrupts the driver's main thread; `failure` says why.
+    """
+
+    def __init__(self, cpus: float, gpus: float, wait_s: float, check_s: float = 2.0) -> None:
+        self.cpus, self.gpus, self.wait_s, self.check_s = cpus, gpus, wait_s, check_s
+        self.failure: InputError | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="host-watch", daemon=True)
+
+    def start(self) -> HostWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _watch(self) -> None:
+        since = None
+        while not self._stop.wait(self.check_s):
+            if can_host(self.cpus, self.gpus):
+                since = None
+                continue
+            since = since or time.monotonic()
+            if time.monotonic() - since >= self.wait_s:
+                self.failure = InputError(
+                    "--actor-timeout", f"no node of the cluster can host a model actor ({self.cpus:g} CPU, {self.gpus:g} GPU) "
+                    f"any more and none joined within {self.wait_s:g} s (nodes lost?); a rerun finishes the cases left")
+                _thread.interrupt_main()
+                return
+
+
+def end_leftover_actors() -> int:
+    """Kill the Ray Data map actors this process owns that a finished stream left alive; how many.
+
+    Ray Data ends a stream's pool by dropping its references, and an actor Ray restarted on
+    another node after its node died is kept alive by them (measured: ALIVE for minutes after its
+    stream ended), holding the CPUs/GPUs the next stream's pool needs. Ray 2.60 has no public call
+    for this: the GCS actor table and the core worker's kill (the project pins Ray 2.60.x).
+    """
+    from ray._private.state import state
+    from ray._raylet import ActorID, JobID
+    from ray.core.generated.common_pb2 import Address
+
+    worker = ray._private.worker.global_worker.core_worker
+    me = Address.FromString(worker.get_owner_address(ray.put(None)))
+    table = state.actor_table(None, job_id=JobID.from_hex(ray.get_runtime_context().get_job_id()))
+    ended = 0
+    for actor_id, info in table.items():
+        owner = info.get("OwnerAddress") or {}
+        if (info["State"] != "DEAD" and info["ActorClassName"].startswith("MapWorker(")
+                and (owner.get("IPAddress"), owner.get("Port")) == (me.ip_address, me.port)):
+            worker.kill_actor(ActorID.from_hex(actor_id), True)
+            ended += 1
+    return ended

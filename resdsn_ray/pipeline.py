@@ -52,7 +52,7 @@ from ray.exceptions import GetTimeoutError
 from resdsn_ray import lease, runs, storage
 from resdsn_ray.archive import Case, is_manifest, is_nifti, scan
 from resdsn_ray.bundle import load_bundle
-from resdsn_ray.cluster import connect, fit_cpus, node_cpus, node_memory, runtime_env
+from resdsn_ray.cluster import HostWatch, connect, end_leftover_actors, fit_cpus, node_cpus, node_memory, runtime_env
 from resdsn_ray.config import (
     STATUS_ERROR,
     STATUS_SKIPPED,
@@ -84,6 +84,11 @@ PROCESS_RETRIES = 2
 # its ref and metadata; bench/driver.py: 5,000 blocks of one case 4.3 ms/case, of 8 cases 0.34):
 # past this many cases a stream puts several cases in a block.
 MAX_BLOCKS = 2000
+# Cases a stream lost (their processes died on every retry) go through a fresh stream this many
+# more times: a node lost mid-run fails the calls in flight on it at once, before Ray has moved
+# its actors, so their retries are spent in seconds; a new stream schedules them on the nodes left.
+LOST_CASE_PASSES = 1
+ATTEMPTS_PER_CASE = (PROCESS_RETRIES + 1) * (LOST_CASE_PASSES + 1)
 
 
 @dataclass
@@ -258,15 +263,21 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
         writer.add(row)
     del plan
     progress = _Progress(todo.num_rows + complete.num_rows, job.progress_s, say)
+    watch: HostWatch | None = None
     try:
         if todo.num_rows or complete.num_rows:
             job = replace(job, resources=_connect_and_resolve(job))
             record["resources"] = to_dict(job.resources)
             preprocess = {"coarse": coarse.preprocess if coarse else None, "fine": fine.preprocess if fine else None}
-            _stream(complete, lambda rows, k: build_completion(rows, job, k), block_size(job, complete), writer, progress)
-            _stream(todo, lambda rows, k: build_dataset(rows, job, preprocess, k), block_size(job, todo), writer, progress)
+            _stream(complete, lambda rows, k: build_completion(rows, job, k), block_size(job, complete), writer, progress,
+                    say)
+            if todo.num_rows:
+                res = job.resources
+                watch = HostWatch(res.cpus_per_actor, res.gpus_per_actor, res.actor_start_timeout_s).start()
+                _stream(todo, lambda rows, k: build_dataset(rows, job, preprocess, k), block_size(job, todo), writer,
+                        progress, say)
     except BaseException as err:  # any failure, Ctrl-C or SIGTERM: keep what is done, say why the run ended
-        failure = _start_failure(job) if isinstance(err, GetTimeoutError) else err
+        failure = watch.failure if watch and watch.failure else _start_failure(job) if isinstance(err, GetTimeoutError) else err
         if held is None or not held.lost:  # a run that lost its lease to another writes nothing more
             writer.flush()
             record.update(status="failed", error=_reason(failure), ended_at=utc_iso(),
@@ -275,6 +286,9 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
         if failure is err:
             raise
         raise failure from err
+    finally:
+        if watch is not None:
+            watch.stop()
     writer.flush()
     progress.report(final=True)
 
@@ -287,24 +301,26 @@ def _run(job: ArchiveJob, run_id: str, held: lease.Lease | None, started: float,
 
 
 def _stream(rows: pa.Table, build: Callable[[pa.Table, int], Any], cases_per_block: int, writer: _RowWriter,
-            progress: _Progress) -> None:
+            progress: _Progress, say: Callable[[str], None]) -> None:
     """Run `rows` through the stream `build` makes, `cases_per_block` cases per block, each output
-    row written as it comes; a case the stream lost (its process died on every retry) becomes an
-    error row, after one more pass alone if it shared its block (so one case killing its process
-    does not fail its neighbours)."""
-    if not rows.num_rows:
-        return
-    seen: set[str] = set()
-    for row in build(rows, cases_per_block).iter_rows():
-        row = _from_stream(row)
-        seen.add(row["case_id"])
-        writer.add(row)
-        progress.update(row)
-    lost = rows.filter(pc.invert(pc.is_in(rows["case_id"], value_set=pa.array(seen, pa.string()))))
-    if cases_per_block > 1:
-        _stream(lost, build, 1, writer, progress)
-        return
-    for row in _pylist(lost):
+    row written as it comes. Cases the stream loses (their processes or node died on every retry)
+    go through a fresh stream `LOST_CASE_PASSES` more times, one case per block (a case that kills
+    its process does not fail its neighbours), then become error rows."""
+    for again in range(LOST_CASE_PASSES + 1):
+        if not rows.num_rows:
+            return
+        if again:
+            say(f"{rows.num_rows} case(s) lost with their worker processes or nodes: streaming them again, "
+                f"one per block ({again} of {LOST_CASE_PASSES})")
+        seen: set[str] = set()
+        for row in build(rows, 1 if again else cases_per_block).iter_rows():
+            row = _from_stream(row)
+            seen.add(row["case_id"])
+            writer.add(row)
+            progress.update(row)
+        end_leftover_actors()  # a restarted actor must not hold the resources the next pass needs
+        rows = rows.filter(pc.invert(pc.is_in(rows["case_id"], value_set=pa.array(seen, pa.string()))))
+    for row in _pylist(rows):
         lost = _lost(row)
         writer.add(lost)
         progress.update(lost)
@@ -438,7 +454,7 @@ def _lost(row: dict[str, Any]) -> dict[str, Any]:
     now = utc_now()
     return dict(row, **{f.column: None for f in runs.OUTPUT_FILES.values()},
                 status=STATUS_ERROR, retryable=True, label_uri=row["label_uri"] or None, started_at=now, finished_at=now,
-                error=f"worker: the process handling this case died on each of its {PROCESS_RETRIES + 1} attempts "
+                error=f"worker: the process handling this case died on each of its {ATTEMPTS_PER_CASE} attempts "
                       "(killed for memory?); see the Ray logs")
 
 

@@ -52,6 +52,7 @@ class FaultProxy:
         self.served = 0
         self.injected: Counter[int] = Counter()
         self.stalled = 0
+        self.stalled_clients: list[tuple[str, int]] = []  # (host, port) of each stalled request's client
         self._stall_paths: tuple[str, ...] = ()
         self._closed = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -74,10 +75,11 @@ class FaultProxy:
         with self._lock:
             self._stall_paths = path_parts
 
-    def _stalls(self, path: str) -> bool:
+    def _stalls(self, path: str, client: tuple[str, int]) -> bool:
         with self._lock:
             if any(part in path for part in self._stall_paths):
                 self.stalled += 1
+                self.stalled_clients.append(client)
                 return True
             return False
 
@@ -154,7 +156,7 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                if self.command == "GET" and proxy._stalls(self.path):
+                if self.command == "GET" and proxy._stalls(self.path, self.client_address[:2]):
                     proxy._closed.wait()
                     self.close_connection = True
                     return

@@ -36,8 +36,16 @@ class Cluster:
         """Environment for `ray job ...` clients of this cluster."""
         return {**os.environ, "RAY_ADDRESS": self.dashboard, "RAY_AUTH_MODE": "token"}
 
+    def add_node(self, name: str, cpus: int = 1) -> int:
+        """Join one more worker node (with the resource `name`); the session its processes share."""
+        done = subprocess.run([str(SCRIPT), "add-node", str(self.state), name], env=_script_env() | {"RAY_LOCAL_CPUS": str(cpus)},
+                              capture_output=True, text=True, timeout=420, check=False)
+        if done.returncode != 0:
+            pytest.fail(f"infra/ray-local.sh add-node {name} failed:\n{done.stdout}\n{done.stderr}")
+        return int((self.state / f"{name}.pid").read_text())
+
     def sessions(self) -> list[int]:
-        """The sessions (setsid) of every node's `ray start` (head, worker): all their processes."""
+        """The sessions (setsid) of every node's `ray start` (head, worker, added): all their processes."""
         return [int(path.read_text()) for path in sorted(self.state.glob("*.pid"))]
 
 

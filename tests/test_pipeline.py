@@ -301,9 +301,10 @@ def test_a_case_that_kills_its_block_fails_alone(ray_driver, tmp_path):
 
     job = ArchiveJob(input="unused", output=str(tmp_path / "out"), coarse=None, fine=None)
     writer, lines = _RowWriter(job, "r1", None), []
-    _stream(table, build, 2, writer, _Progress(table.num_rows, 1e9, lines.append))
+    _stream(table, build, 2, writer, _Progress(table.num_rows, 1e9, lines.append), lines.append)
     writer.flush()
     rows = {r["case_id"]: r for r in runs.read_rows(job.output, "r1").to_pylist()}
     assert passes == [(["a", "bad", "c", "d", "e"], 2), (["a", "bad"], 1)]
     assert {case: r["status"] for case, r in rows.items()} == {"a": "ok", "bad": "error", "c": "ok", "d": "ok", "e": "ok"}
     assert rows["bad"]["retryable"] and "died" in rows["bad"]["error"]
+    assert lines == ["2 case(s) lost with their worker processes or nodes: streaming them again, one per block (1 of 1)"]
