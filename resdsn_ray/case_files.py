@@ -13,9 +13,7 @@ import numpy as np
 from resdsn_ray import storage
 from resdsn_ray.archive import NIFTI_SUFFIXES
 from resdsn_ray.config import OutputConfig, Probabilities
-from resdsn_ray.dicom_seg import write_dicom_seg
 from resdsn_ray.mask_stats import mask_stats
-from resdsn_ray.pictures import preview
 from resdsn_ray.provenance import provenance
 from resdsn_ray.runs import OUTPUT_FILES
 from resdsn_ray.volumes import Volume, write_mask, write_nifti
@@ -50,6 +48,8 @@ def write_case_files(uris: dict[str, str], mask: np.ndarray, volume: Volume, out
     fill: each written file's URI column, `note`, and the mask statistics (`mask_stats`).
 
     A DICOM SEG asked of a volume that is not a DICOM series is not written: `note` says so.
+    The SEG and preview writers are imported when asked: highdicom and matplotlib cost every
+    worker process ~3 s of CPU at start-up (`python -X importtime`), most runs ask for neither.
     """
     row: dict[str, Any] = mask_stats(mask, volume.array, volume.affine)
     notes = []
@@ -60,12 +60,16 @@ def write_case_files(uris: dict[str, str], mask: np.ndarray, volume: Volume, out
             notes.append(NO_SEG)
             continue
         elif kind == "seg":
+            from resdsn_ray.dicom_seg import write_dicom_seg  # see `write_case_files`: imported when asked
+
             write_dicom_seg(uri, mask, volume, ALGORITHM, version)
         elif kind == "probabilities":
             if probabilities is None:
                 raise ValueError(f"{uri}: probabilities asked but not computed")
             write_probabilities(uri, probabilities, volume, outputs.probabilities)
         elif kind == "preview":
+            from resdsn_ray.pictures import preview  # see `write_case_files`: imported when asked
+
             storage.write_bytes(uri, preview(volume.array, mask, volume.affine, title))
         row[OUTPUT_FILES[kind].column] = uri
     if outputs.seg and "seg" not in uris and volume.meta.get("format") != "dicom":
