@@ -80,9 +80,9 @@ MAX_AUTO_CPU_ACTORS = 8  # without GPUs, default pools get one single-threaded a
 # Ray 2.60 takes both only through the extra remote args of `map`, deprecated for removal in
 # Ray 2.64 with no named replacement yet: the project pins Ray 2.60.x.
 PROCESS_RETRIES = 2
-# Every Ray Data block costs the driver ~4 ms CPU and ~1.5 KB when the dataset is made (ray.put,
-# its ref and metadata; bench/driver.py: 5,000 blocks of one case 4.3 ms/case, of 8 cases 0.34):
-# past this many cases a stream puts several cases in a block.
+# Every Ray Data block costs the driver ~2.4 ms CPU and ~0.6 KB when the dataset is made (ray.put
+# and its ref; bench/driver.py: 5,000 blocks of one case 2.4 ms/case, of 8 cases 0.32), and more
+# in the scheduling loop as the stream runs: past this many cases a stream puts several cases in a block.
 MAX_BLOCKS = 2000
 # Cases a stream lost (their processes died on every retry) go through a fresh stream this many
 # more times: a node lost mid-run fails the calls in flight on it at once, before Ray has moved
@@ -120,8 +120,10 @@ def _task_args(job: ArchiveJob) -> dict[str, Any]:
 
 def blocks(rows: pa.Table, cases_per_block: int = 1):
     """`rows` as a Ray Data dataset of blocks of `cases_per_block` cases (each block is one task of
-    every stage: a process lost with it fails all its cases)."""
-    return ray.data.from_arrow([rows.slice(start, cases_per_block) for start in range(0, rows.num_rows, cases_per_block)])
+    every stage: a process lost with it fails all its cases). `from_blocks`, not `from_arrow`:
+    the latter runs a remote task per block for metadata the driver has at hand (1.4x the
+    driver's CPU per block, 2.7x its memory, and a worker process to start before the first case)."""
+    return ray.data.from_blocks([rows.slice(start, cases_per_block) for start in range(0, rows.num_rows, cases_per_block)])
 
 
 def build_completion(rows: pa.Table, job: ArchiveJob, cases_per_block: int = 1):
