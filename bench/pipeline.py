@@ -326,7 +326,7 @@ def compare(args: argparse.Namespace, work: Path) -> None:
     best = 60 * args.cases / min(loops.values())
     actors = {s: args.actors or max(1, (os.cpu_count() or 1) // (2 if s == "split" else 1)) for s in args.shapes}
     for shape in args.shapes:
-        run = pipeline(archive, str(work / f"out-{shape}"), coarse, fine, engine, shape, actors[shape])
+        run = pipeline(archive, tempfile.mkdtemp(prefix=f"out-{shape}-", dir=work), coarse, fine, engine, shape, actors[shape])
         print(f"pipeline {shape} ({actors[shape]} actor(s)/pool): {run.seconds:.1f} s, {60 * args.cases / run.seconds:.2f} "
               f"cases/min, ratio vs best loop {60 * args.cases / run.seconds / best:.2f}; steady {run.steady:.2f} cases/min, "
               f"steady ratio vs best loop {run.steady / best:.2f}; start-up (first case) {run.first_s:.1f} s; "
@@ -335,7 +335,7 @@ def compare(args: argparse.Namespace, work: Path) -> None:
         if shape == args.shapes[0]:
             full_peak = run.peak
     shape = args.shapes[0]
-    run = pipeline(str(small), str(work / "out-small"), coarse, fine, engine, shape, actors[shape])
+    run = pipeline(str(small), tempfile.mkdtemp(prefix="out-small-", dir=work), coarse, fine, engine, shape, actors[shape])
     print(f"pipeline {shape} on the first {args.small} cases: {run.seconds:.1f} s, peak cluster memory "
           f"{run.peak / 2**20:.0f} MiB (idle {run.idle / 2**20:.0f} MiB)", flush=True)
     print(f"memory ratio {args.cases}-case / {args.small}-case archive: {full_peak / run.peak:.2f}")
