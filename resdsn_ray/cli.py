@@ -359,7 +359,7 @@ def add_archive_flags(parser: argparse.ArgumentParser) -> None:
     option(parser, "--fine-actors", Resources, "fine_actors", type=int,
            help="largest fine pool (--shape split); default as --coarse-actors")
     option(parser, "--fixed-pools", Resources, "fixed_pools",
-           help="start every actor up front (default: pools grow from one actor as nodes join)")
+           help="wait for every actor up front (default: pools start with the actors the nodes up now hold, at least one, and grow as nodes join)")
     option(parser, "--gpus-per-actor", Resources, "gpus_per_actor", type=float,
            help="GPUs per actor; fractions share a GPU (default: 1 where the cluster has GPUs, else 0)")
     option(parser, "--cpus-per-actor", Resources, "cpus_per_actor", type=float,

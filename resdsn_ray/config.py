@@ -225,7 +225,7 @@ class Resources(Settings):
     shape: Shape = "whole"
     coarse_actors: int | None = None  # the coarse (the `whole`) pool's largest size; None: the GPUs or CPUs shared out
     fine_actors: int | None = None
-    fixed_pools: bool = False  # False: pools grow from 1 actor to their size as nodes join (autoscaling clusters)
+    fixed_pools: bool = False  # False: pools start with what the nodes up now hold (>= 1) and grow as nodes join
     gpus_per_actor: float | None = None  # None: 1 where the cluster has GPUs, else 0
     cpus_per_actor: float | None = None  # None: fitted to the cluster's nodes (`cluster.fit_cpus`)
     task_cpus: float | None = None  # each read/preprocess and finish/write task; None: fitted

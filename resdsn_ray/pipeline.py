@@ -150,12 +150,13 @@ def build_dataset(rows: pa.Table, job: ArchiveJob, preprocess: dict[str, Preproc
     env, case_bytes = task["runtime_env"], task["memory"]
     threads = res.threads_per_actor or max(1, round(res.cpus_per_actor or 1))
 
-    def pool(size: int | None) -> dict[str, Any]:
-        # Each pool is bounded whatever the archive, so memory does not depend on it; it grows from
-        # one actor (the job starts on the first node that can host one) unless fixed.
-        size = size or 1
+    sizes = [size for size in (res.coarse_actors or 1, res.fine_actors) if size]
+    starts = dict(zip(("coarse", "fine"), starting_actors(res, sizes, ray.cluster_resources())))
+
+    def pool(size: int | None, stage: str = "coarse") -> dict[str, Any]:
+        # Each pool is bounded whatever the archive, so memory does not depend on it.
         return {
-            "compute": ActorPoolStrategy(min_size=size if res.fixed_pools else 1, max_size=size,
+            "compute": ActorPoolStrategy(min_size=starts[stage], max_size=size or 1,
                                          max_tasks_in_flight_per_actor=MAX_IN_FLIGHT_PER_ACTOR),
             "num_cpus": res.cpus_per_actor,
             "num_gpus": res.gpus_per_actor or None,
@@ -172,7 +173,7 @@ def build_dataset(rows: pa.Table, job: ArchiveJob, preprocess: dict[str, Preproc
         ds = ds.map(read_case, fn_kwargs=preprocess | {"max_bytes": case_bytes, "timeout_s": res.case_timeout_s}, **task)
         if pools(job) == 2:
             ds = ds.map(CoarseStage, fn_constructor_kwargs={"coarse": job.coarse, **common}, **pool(res.coarse_actors))
-            ds = ds.map(FineStage, fn_constructor_kwargs={"fine": job.fine, **common}, **pool(res.fine_actors))
+            ds = ds.map(FineStage, fn_constructor_kwargs={"fine": job.fine, **common}, **pool(res.fine_actors, "fine"))
         else:
             ds = ds.map(WholeCase, fn_constructor_kwargs={"coarse": job.coarse, "fine": job.fine, **common,
                                                           "probabilities": job.outputs.probabilities != "none"},
@@ -198,6 +199,22 @@ def auto_actors(resources: Resources, n_pools: int, cluster: dict[str, float]) -
     if resources.gpus_per_actor > 0:
         return max(1, int(cluster.get("GPU", 0.0) / resources.gpus_per_actor / n_pools))
     return max(1, min(MAX_AUTO_CPU_ACTORS, int(cluster.get("CPU", 1.0) // n_pools)))
+
+
+def starting_actors(resources: Resources, sizes: list[int], cluster: dict[str, float]) -> list[int]:
+    """The actors each pool (of `sizes`) starts with: all of them when the cluster's nodes hold
+    them now, else as many as fit now, at least one; a pool grows to its size as nodes join (an
+    autoscaling cluster starts on its first node). Starting from one actor on a fixed cluster cost
+    a ramp: Ray Data adds one actor at a time, each after its model loads (bench/pipeline.py, 2
+    actors: steady rate 0.68 of the best plain loop growing from one, 1.11 starting with both)."""
+    if resources.fixed_pools:
+        return sizes
+    room = sum(sizes)
+    if resources.gpus_per_actor:
+        room = min(room, int(cluster.get("GPU", 0.0) / resources.gpus_per_actor))
+    if resources.cpus_per_actor:  # beside room for one read or write task (`cluster.fit_cpus`)
+        room = min(room, int((cluster.get("CPU", 0.0) - (resources.task_cpus or 0.0)) / resources.cpus_per_actor + 1e-9))
+    return [max(1, min(size, room * size // sum(sizes))) for size in sizes]
 
 
 def run_archive(job: ArchiveJob, say: Callable[[str], None] = print) -> RunResult:

@@ -33,7 +33,7 @@ from resdsn_ray.devices import resolve_precision
 from resdsn_ray.engine import CoarseToFine
 from resdsn_ray.errors import InputError
 from resdsn_ray.model import build_model
-from resdsn_ray.pipeline import _Progress, _RowWriter, _stream, auto_actors, blocks, run_archive
+from resdsn_ray.pipeline import _Progress, _RowWriter, _stream, auto_actors, blocks, run_archive, starting_actors
 from resdsn_ray.stages import WholeCase, finish_case, read_case
 from resdsn_ray.synthetic import write_archive
 from resdsn_ray.volumes import nifti_bytes, read_volume
@@ -275,6 +275,21 @@ def test_cpu_reservations_always_leave_room_for_a_task(actors, nodes, given, exp
 def test_default_pool_sizes_share_out_the_cluster(shape_gpus, cluster, expected):
     gpus, pools = shape_gpus
     assert auto_actors(Resources(gpus_per_actor=gpus), pools, cluster) == expected
+
+
+@pytest.mark.parametrize(
+    "resources, sizes, cluster, expected",
+    [
+        (Resources(cpus_per_actor=0.5, task_cpus=1.0), [2], {"CPU": 2.0}, [2]),  # a fixed cluster: all at once
+        (Resources(cpus_per_actor=0.5, task_cpus=0.5), [1, 1], {"CPU": 2.0}, [1, 1]),  # split pools share the room
+        (Resources(gpus_per_actor=1.0, cpus_per_actor=1.0, task_cpus=1.0), [8], {"CPU": 16.0, "GPU": 2.0}, [2]),
+        (Resources(gpus_per_actor=1.0, cpus_per_actor=1.0, task_cpus=1.0), [4, 4], {"CPU": 16.0, "GPU": 2.0}, [1, 1]),
+        (Resources(gpus_per_actor=1.0, cpus_per_actor=1.0, task_cpus=1.0), [4], {"CPU": 0.0}, [1]),  # from zero nodes
+        (Resources(gpus_per_actor=1.0, fixed_pools=True), [4], {"CPU": 0.0}, [4]),
+    ],
+)
+def test_pools_start_with_the_actors_the_nodes_up_now_hold(resources, sizes, cluster, expected):
+    assert starting_actors(resources, sizes, cluster) == expected
 
 
 def test_cpu_reservations_that_would_stall_are_refused():
