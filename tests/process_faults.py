@@ -12,20 +12,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def _socket_inodes(port: int) -> set[str]:
-    """Inodes of the local TCP sockets bound to 127.0.0.1:`port` (IPv4 and IPv6 tables)."""
+def _socket_inodes(port: int, server_port: int) -> set[str]:
+    """Inodes of the TCP sockets from local `port` to remote `server_port` (IPv4 and IPv6 tables).
+    Both ends count: a dead client's port is soon another connection's, which must not be killed."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+            if (int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)) == (port, server_port):
                 inodes.add(fields[9])
     return inodes
 
 
-def pid_of_client(port: int) -> int | None:
-    """The process holding the client end of a connection from local `port`, if any."""
-    inodes = {f"socket:[{inode}]" for inode in _socket_inodes(port)}
+def pid_of_client(port: int, server_port: int) -> int | None:
+    """The process holding the client end of a connection from local `port` to `server_port`, if any."""
+    inodes = {f"socket:[{inode}]" for inode in _socket_inodes(port, server_port)}
+    if not inodes:
+        return None
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue

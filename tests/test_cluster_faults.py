@@ -6,12 +6,10 @@ cases, and the lost case as one retryable error row: bounded, never hanging."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-import boto3
 import pytest
 import s3fs
 from fault_proxy import FaultProxy
@@ -31,13 +29,6 @@ CASES = 3
 # The demo bundles on their phantoms (96x96x64): ~3 s of windows per case on one quiet core, so a
 # model actor is caught mid-case
 ENGINE = EngineConfig(coarse=WindowConfig(n=3), fine=WindowConfig(n=3), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def bucket(s3_server: str) -> str:
-    name = f"resdsn-faults-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
-    return f"s3://{name}"
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +56,9 @@ def table_row(fault: str, injected: int, result) -> None:
           f"| rows lost 0 | duplicates 0 | run {result.seconds:.1f} s")
 
 
-def test_a_case_whose_reader_is_killed_every_time_is_one_retryable_error_row(ray_driver, s3_server, bucket, bundles,
+def test_a_case_whose_reader_is_killed_every_time_is_one_retryable_error_row(ray_driver, s3_server, s3_bucket, bundles,
                                                                              monkeypatch):
-    archive = f"{bucket}/poison"
+    archive = f"{s3_bucket}/poison"
     write_archive(archive, cases=1, seed=5)
     for folder in ("imagesTr", "labelsTr"):  # a second case whose read the killer catches every time
         storage.write_bytes(f"{archive}/{folder}/poison.nii.gz", storage.read_bytes(f"{archive}/{folder}/case_0000.nii.gz"))
@@ -76,13 +67,15 @@ def test_a_case_whose_reader_is_killed_every_time_is_one_retryable_error_row(ray
         s3fs.S3FileSystem.clear_instance_cache()
         proxy.stall("imagesTr/poison")  # its image read hangs until the killer finds the reader
 
+        server_port = int(proxy.url.rsplit(":", 1)[1])
+
         def reader() -> int | None:
-            return next((pid for _, port in reversed(proxy.stalled_clients) if (pid := pid_of_client(port))), None)
+            return next((pid for _, port in reversed(proxy.stalled_clients) if (pid := pid_of_client(port, server_port))), None)
 
         killer = Killer(reader)
         killer.start()
         try:
-            result = run_archive(job(archive, f"{bucket}/out-poison", bundles))
+            result = run_archive(job(archive, f"{s3_bucket}/out-poison", bundles))
         finally:
             kills = killer.stop()
     s3fs.S3FileSystem.clear_instance_cache()  # the checks below go to the S3 server itself
@@ -119,8 +112,8 @@ def _busy(pid: int, probe_s: float = 0.3) -> bool:
         return False
 
 
-def test_a_model_actor_killed_mid_case_is_restarted_and_every_case_finishes_once(ray_driver, bucket, bundles):
-    archive = f"{bucket}/actor-kill"
+def test_a_model_actor_killed_mid_case_is_restarted_and_every_case_finishes_once(ray_driver, s3_bucket, bundles):
+    archive = f"{s3_bucket}/actor-kill"
     write_archive(archive, cases=CASES, seed=6)
 
     def busy_actor() -> int | None:
@@ -129,7 +122,7 @@ def test_a_model_actor_killed_mid_case_is_restarted_and_every_case_finishes_once
     killer = Killer(busy_actor, limit=1)
     killer.start()
     try:
-        result = run_archive(job(archive, f"{bucket}/out-actor-kill", bundles))
+        result = run_archive(job(archive, f"{s3_bucket}/out-actor-kill", bundles))
     finally:
         kills = killer.stop()
     assert len(kills) == 1, "no model actor was caught computing a case"
@@ -150,7 +143,7 @@ def _wait_dead(node_ids: set[str], wait_s: float = 120.0) -> None:
         time.sleep(1)
 
 
-def test_a_worker_node_lost_mid_run_loses_no_case(ray_driver, bucket, bundles):
+def test_a_worker_node_lost_mid_run_loses_no_case(ray_driver, s3_bucket, bundles):
     """Two 2-CPU nodes join; the model actor asks 1.5 CPUs, so only they can host it. The one whose
     actor is computing a case is killed whole (raylet, agents, workers), as a lost spot node: the
     run finishes every case exactly once on the nodes left."""
@@ -158,7 +151,7 @@ def test_a_worker_node_lost_mid_run_loses_no_case(ray_driver, bucket, bundles):
 
     leaders = {name: ray_driver.add_node(name, cpus=2) for name in ("node_c", "node_d")}
     ids = {name: next(n["NodeID"] for n in ray.nodes() if n["Alive"] and name in n["Resources"]) for name in leaders}
-    archive = f"{bucket}/node-loss"
+    archive = f"{s3_bucket}/node-loss"
     write_archive(archive, cases=CASES + 1, seed=7)
     killed: list[str] = []
 
@@ -177,7 +170,7 @@ def test_a_worker_node_lost_mid_run_loses_no_case(ray_driver, bucket, bundles):
         killer = Killer(node_computing, limit=1, act=kill_session)
         killer.start()
         try:
-            result = run_archive(replace(job(archive, f"{bucket}/out-node-loss", bundles), resources=one_actor))
+            result = run_archive(replace(job(archive, f"{s3_bucket}/out-node-loss", bundles), resources=one_actor))
         finally:
             kills = killer.stop()
         assert len(kills) == 1, "no node's model actor was caught computing a case"
@@ -193,7 +186,7 @@ def test_a_worker_node_lost_mid_run_loses_no_case(ray_driver, bucket, bundles):
         killer.start()
         try:
             with pytest.raises(InputError, match=r"--actor-timeout: no node of the cluster can host"):
-                run_archive(replace(job(archive, f"{bucket}/out-all-lost", bundles),
+                run_archive(replace(job(archive, f"{s3_bucket}/out-all-lost", bundles),
                                     resources=replace(one_actor, actor_start_timeout_s=30)))
         finally:
             killer.stop()
