@@ -150,13 +150,13 @@ def build_dataset(rows: pa.Table, job: ArchiveJob, preprocess: dict[str, Preproc
     env, case_bytes = task["runtime_env"], task["memory"]
     threads = res.threads_per_actor or max(1, round(res.cpus_per_actor or 1))
 
-    sizes = [size for size in (res.coarse_actors or 1, res.fine_actors) if size]
-    starts = dict(zip(("coarse", "fine"), starting_actors(res, sizes, ray.cluster_resources())))
+    sizes = {"coarse": res.coarse_actors or 1} | ({"fine": res.fine_actors or 1} if pools(job) == 2 else {})
+    starts = dict(zip(sizes, starting_actors(res, list(sizes.values()), ray.cluster_resources())))
 
-    def pool(size: int | None, stage: str = "coarse") -> dict[str, Any]:
+    def pool(stage: str) -> dict[str, Any]:
         # Each pool is bounded whatever the archive, so memory does not depend on it.
         return {
-            "compute": ActorPoolStrategy(min_size=starts[stage], max_size=size or 1,
+            "compute": ActorPoolStrategy(min_size=starts[stage], max_size=sizes[stage],
                                          max_tasks_in_flight_per_actor=MAX_IN_FLIGHT_PER_ACTOR),
             "num_cpus": res.cpus_per_actor,
             "num_gpus": res.gpus_per_actor or None,
@@ -172,12 +172,12 @@ def build_dataset(rows: pa.Table, job: ArchiveJob, preprocess: dict[str, Preproc
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.map(read_case, fn_kwargs=preprocess | {"max_bytes": case_bytes, "timeout_s": res.case_timeout_s}, **task)
         if pools(job) == 2:
-            ds = ds.map(CoarseStage, fn_constructor_kwargs={"coarse": job.coarse, **common}, **pool(res.coarse_actors))
-            ds = ds.map(FineStage, fn_constructor_kwargs={"fine": job.fine, **common}, **pool(res.fine_actors, "fine"))
+            ds = ds.map(CoarseStage, fn_constructor_kwargs={"coarse": job.coarse, **common}, **pool("coarse"))
+            ds = ds.map(FineStage, fn_constructor_kwargs={"fine": job.fine, **common}, **pool("fine"))
         else:
             ds = ds.map(WholeCase, fn_constructor_kwargs={"coarse": job.coarse, "fine": job.fine, **common,
                                                           "probabilities": job.outputs.probabilities != "none"},
-                        **pool(res.coarse_actors))
+                        **pool("coarse"))
         return ds.map(finish_case, fn_kwargs={"post_ratio": engine.post_ratio, "outputs": job.outputs}, **task)
 
 
