@@ -15,11 +15,12 @@ import time
 import numpy as np
 import torch
 
+from resdsn_ray.boxes import bounding_box
 from resdsn_ray.bundle import Bundle
 from resdsn_ray.config import EngineConfig, ModelConfig, PreprocessConfig, WindowConfig
-from resdsn_ray.engine import CoarseToFine, prepare_inputs
+from resdsn_ray.engine import CoarseToFine
 from resdsn_ray.model import build_model
-from resdsn_ray.windows import bounding_box
+from resdsn_ray.preprocess import prepare_inputs
 
 
 def random_bundle(stage: str, width: int, patch: int, seed: int) -> Bundle:

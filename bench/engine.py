@@ -38,7 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bare_forward_windows_per_s, case, describe, engine, random_bundle, timed_c2f
 
-from resdsn_ray.windows import bounding_box, window_starts
+from resdsn_ray.boxes import bounding_box
+from resdsn_ray.windows import window_starts
 
 
 def best(rounds: int, runs: dict[str, Callable[[], float]]) -> dict[str, float]:

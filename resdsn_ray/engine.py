@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from resdsn_ray.boxes import Box, bounding_box, decrop
 from resdsn_ray.bundle import Bundle
-from resdsn_ray.config import STATUS_NO_ORGAN, STATUS_OK, EngineConfig, PreprocessConfig, WindowConfig
+from resdsn_ray.config import STATUS_NO_ORGAN, STATUS_OK, EngineConfig, WindowConfig
 from resdsn_ray.devices import resolve_channels_last, resolve_device, resolve_precision
-from resdsn_ray.postprocess import remove_small_components
-from resdsn_ray.preprocess import preprocess
-from resdsn_ray.windows import Box, bounding_box, decrop, plan_windows, sliding_window_inference
+from resdsn_ray.postprocess import finish_mask, remove_small_components
+from resdsn_ray.preprocess import prepare_inputs
+from resdsn_ray.windows import plan_windows, sliding_window_inference
 
 if TYPE_CHECKING:  # the engine runs without the readers (nibabel, pydicom): a bare GPU box needs torch only
     from resdsn_ray.volumes import Volume
@@ -55,23 +56,6 @@ class Segmentation:
     timings: dict[str, float] = field(default_factory=dict)
     fine_fallback: bool = False  # the coarse stage found nothing and the fine model ran on the whole volume
     probabilities: np.ndarray | None = None  # float32 on the volume's grid, when asked
-
-
-def prepare_inputs(
-    array: np.ndarray, coarse: PreprocessConfig | None, fine: PreprocessConfig | None
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Each stage's preprocessed input (None where the stage does not run); one array when the
-    two bundles preprocess alike. Separate from the engine so it can run in a CPU task."""
-    coarse_input = preprocess(array, coarse) if coarse is not None else None
-    if fine is None:
-        return coarse_input, None
-    return coarse_input, coarse_input if fine == coarse else preprocess(array, fine)
-
-
-def finish_mask(mask: np.ndarray, post_ratio: float) -> tuple[np.ndarray, str]:
-    """The final uint8 mask (small components dropped) and its status (ok / no_organ)."""
-    final = remove_small_components(mask, post_ratio)
-    return final.astype(np.uint8), STATUS_OK if final.any() else STATUS_NO_ORGAN
 
 
 class CoarseToFine:

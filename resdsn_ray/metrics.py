@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from resdsn_ray.boxes import bounding_box
 from resdsn_ray.errors import InputError
-from resdsn_ray.windows import bounding_box
 
 NSD_TOLERANCE_MM = 2.0
 METRIC_KEYS = (

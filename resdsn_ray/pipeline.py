@@ -63,9 +63,10 @@ from resdsn_ray.config import (
     to_dict,
 )
 from resdsn_ray.errors import InputError
+from resdsn_ray.model_stages import CoarseStage, FineStage, WholeCase
 from resdsn_ray.progress import eta
 from resdsn_ray.provenance import provenance, utc_iso, utc_now
-from resdsn_ray.stages import CoarseStage, FineStage, WholeCase, complete_case, finish_case, read_case
+from resdsn_ray.stages import complete_case, finish_case, read_case
 
 # One case in flight per actor: a case that kills its actor (out of memory) must not take a
 # neighbour's retries with it (measured with two in flight: 4 good cases lost to 8 kills).

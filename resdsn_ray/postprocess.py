@@ -9,7 +9,8 @@ from __future__ import annotations
 import cc3d
 import numpy as np
 
-from resdsn_ray.windows import bounding_box
+from resdsn_ray.boxes import bounding_box
+from resdsn_ray.config import STATUS_NO_ORGAN, STATUS_OK
 
 
 def remove_small_components(mask: np.ndarray, ratio: float) -> np.ndarray:
@@ -35,3 +36,9 @@ def remove_small_components(mask: np.ndarray, ratio: float) -> np.ndarray:
     keep[0] = False
     out[box.slices] = keep[labels]
     return out
+
+
+def finish_mask(mask: np.ndarray, post_ratio: float) -> tuple[np.ndarray, str]:
+    """The final uint8 mask (small components dropped) and its status (ok / no_organ)."""
+    final = remove_small_components(mask, post_ratio)
+    return final.astype(np.uint8), STATUS_OK if final.any() else STATUS_NO_ORGAN

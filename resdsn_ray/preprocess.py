@@ -57,3 +57,14 @@ def _rms(centred: np.ndarray) -> float:
         chunk = flat[start : start + _CHUNK]
         total += float(np.dot(chunk, chunk))
     return float(np.sqrt(total / flat.size))
+
+
+def prepare_inputs(
+    array: np.ndarray, coarse: PreprocessConfig | None, fine: PreprocessConfig | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Each stage's preprocessed input (None where the stage does not run); one array when the
+    two bundles preprocess alike. Apart from the engine (no torch): it runs in a CPU task."""
+    coarse_input = preprocess(array, coarse) if coarse is not None else None
+    if fine is None:
+        return coarse_input, None
+    return coarse_input, coarse_input if fine == coarse else preprocess(array, fine)

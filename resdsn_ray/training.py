@@ -33,18 +33,19 @@ import torch
 
 from resdsn_ray import runs, storage
 from resdsn_ray.archive import Case, list_cases
+from resdsn_ray.boxes import bounding_box
 from resdsn_ray.bundle import Bundle, save_bundle
 from resdsn_ray.config import EngineConfig, TrainConfig, WindowConfig, from_dict, recipe, to_dict
-from resdsn_ray.engine import CoarseToFine, finish_mask
+from resdsn_ray.engine import CoarseToFine
 from resdsn_ray.errors import InputError
 from resdsn_ray.metrics import confusion_counts
 from resdsn_ray.model import build_model
+from resdsn_ray.postprocess import finish_mask
 from resdsn_ray.preprocess import preprocess
 from resdsn_ray.progress import duration
 from resdsn_ray.provenance import provenance, utc_iso
 from resdsn_ray.recipes import make_optimizer, parameter_checksum, poly_lr, split_batch, train_step
 from resdsn_ray.sampling import PatchSampler, ValidationCase, load_training_cases, load_validation_cases
-from resdsn_ray.windows import bounding_box
 
 RUN_NAME = "train"  # Ray Train's run folder under OUTPUT
 RUN_RECORD = "run.json"

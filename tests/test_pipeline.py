@@ -33,8 +33,9 @@ from resdsn_ray.devices import resolve_precision
 from resdsn_ray.engine import CoarseToFine
 from resdsn_ray.errors import InputError
 from resdsn_ray.model import build_model
+from resdsn_ray.model_stages import WholeCase
 from resdsn_ray.pipeline import _Progress, _RowWriter, _stream, auto_actors, blocks, run_archive, starting_actors
-from resdsn_ray.stages import WholeCase, finish_case, read_case
+from resdsn_ray.stages import finish_case, read_case
 from resdsn_ray.synthetic import write_archive
 from resdsn_ray.volumes import nifti_bytes, read_volume
 

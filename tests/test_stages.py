@@ -18,7 +18,8 @@ from resdsn_ray.config import EngineConfig, ModelConfig, OutputConfig, WindowCon
 from resdsn_ray.engine import CoarseToFine
 from resdsn_ray.errors import InputError
 from resdsn_ray.model import build_model
-from resdsn_ray.stages import CoarseStage, FineStage, WholeCase, finish_case, read_case
+from resdsn_ray.model_stages import CoarseStage, FineStage, WholeCase
+from resdsn_ray.stages import finish_case, read_case
 from resdsn_ray.synthetic import write_archive
 
 ENGINE = EngineConfig(coarse=WindowConfig(n=1), fine=WindowConfig(n=1), device="cpu")

@@ -6,14 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from resdsn_ray.windows import (
-    Box,
-    bounding_box,
-    decrop,
-    plan_windows,
-    sliding_window_inference,
-    window_starts,
-)
+from resdsn_ray.boxes import Box, bounding_box, decrop
+from resdsn_ray.windows import plan_windows, sliding_window_inference, window_starts
 
 
 def double(batch: torch.Tensor) -> torch.Tensor:
