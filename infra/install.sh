@@ -25,11 +25,16 @@ py=$prefix/bin/python
 uv=$prefix/bin/uv
 # The lock first: torch's own pure-Python dependencies (sympy, networkx, ...) are in it, so pip
 # below finds them installed at the locked versions and adds only torch (and a CUDA build's runtime).
-"$uv" pip install -q --python "$py" --require-hashes -r "$repo/requirements.lock"
+"$uv" pip install -q --python "$py" --compile-bytecode --require-hashes -r "$repo/requirements.lock"
 if ! "$py" -c 'import torch' 2>/dev/null; then
   "$py" -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH"
 fi
 "$uv" pip install -q --python "$py" --no-deps -e "$repo"
+# Bytecode now, not at each import (uv's --compile-bytecode above, pip's by default, compileall for
+# the project's source): uv writes none by default, and where PYTHONDONTWRITEBYTECODE is set (CI's
+# machine, many images) every process, each Ray worker included, compiled its imports from source
+# at every start (`import ray.data` 3.7 -> 1.2 s CPU, the CPU tasks' module 2.1 -> 0.7 s).
+"$py" -m compileall -q "$repo/resdsn_ray" >/dev/null
 # Every requirement met (a lock that lags pyproject.toml fails here). In an existing prefix that is
 # not a venv (the Ray image's conda) packages outside the lock, conda's own, may miss theirs: said, not fatal.
 if [[ -f $prefix/pyvenv.cfg ]]; then

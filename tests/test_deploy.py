@@ -186,6 +186,15 @@ def test_lock_leaves_torch_and_its_cuda_runtime_to_pip_and_hashes_the_rest() -> 
         assert hashes and all(h.startswith("sha256:") for h in hashes), f"{req}: no hashes"
 
 
+@pytest.mark.parametrize("module", ["ray.data", "nibabel", "pydicom", "resdsn_ray.stages"])
+def test_the_install_compiled_the_bytecode(module: str) -> None:
+    """Every worker process imports these; without bytecode written at install, a machine with
+    PYTHONDONTWRITEBYTECODE (CI's, many images) compiles them from source at every start."""
+    origin = importlib.util.find_spec(module).origin
+    compiled = Path(importlib.util.cache_from_source(origin))
+    assert compiled.exists(), f"{module}: no {compiled.name} beside {origin} (infra/install.sh compiles at install)"
+
+
 def recipe(makefile: str, target: str) -> str:
     match = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n?)+)", makefile, flags=re.M)
     assert match, f"Makefile has no recipe for {target}"
