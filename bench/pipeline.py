@@ -8,7 +8,7 @@ On one synthetic archive and the same cores, in one run:
 2. the Ray Data pipeline (`run_archive`) on a fresh local Ray, per pipeline shape; its time
    includes starting the actor pools (not `ray.init`);
 3. peak memory of the whole local Ray cluster (this driver and every process it started:
-   GCS, raylet with the object store, workers), as summed PSS sampled every 0.2 s, for the
+   GCS, raylet with the object store, workers), as summed PSS sampled every second, for the
    full archive and for a manifest of its first `--small` cases (the same cases).
 4. the driver's own CPU time per case (this process, all its threads: Ray Data's scheduling
    loop, row conversion, Parquet parts) in every pipeline run;
@@ -142,20 +142,26 @@ def _where(frame) -> str:  # noqa: ANN001
 
 
 class Monitor:
-    """Peak summed PSS of this process and all its descendants (the local Ray cluster), and the
-    driver's CPU seconds over time (without this thread's own), every `every` s."""
+    """Peak summed PSS of this process and all its descendants (the local Ray cluster) every
+    `pss_every` s, and the driver's CPU seconds over time (without this thread's own) every `every`
+    s. PSS is dear to read (the kernel walks each process's page tables: ~50 ms a sweep of a busy
+    local cluster); sampled every 0.2 s it took a third of a core from the run it measured."""
 
-    def __init__(self, every: float = 0.2) -> None:
-        self.every, self.peak, self._stop = every, 0, threading.Event()
+    def __init__(self, every: float = 0.2, pss_every: float = 1.0) -> None:
+        self.every, self.pss_every, self.peak, self._stop = every, pss_every, 0, threading.Event()
         self.cpu: list[tuple[float, float]] = []  # (time.time(), driver CPU s)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        swept = 0.0
         while not self._stop.is_set():
             self.cpu.append((time.time(), driver_cpu_s() - time.thread_time()))
-            self.peak = max(self.peak, sum(pss_bytes(p) for p in descendants(os.getpid())))
+            if time.time() - swept >= self.pss_every:
+                swept = time.time()
+                self.peak = max(self.peak, sum(pss_bytes(p) for p in descendants(os.getpid())))
             self._stop.wait(self.every)
         self.cpu.append((time.time(), driver_cpu_s() - time.thread_time()))
+        self.peak = max(self.peak, sum(pss_bytes(p) for p in descendants(os.getpid())))
 
     def cpu_at(self, when: float) -> float:
         """The driver's CPU seconds at `when` (the last sample before it)."""
@@ -204,9 +210,10 @@ def driver_cpu_s() -> float:
 class PipelineRun:
     seconds: float
     first_s: float  # from the call to the first finished case: start-up (listing, pools, first case)
-    steady: float  # cases/min after the first finished case
+    start_s: float  # from the call to the first case's read: start-up (listing, the pools' actors)
+    steady: float  # cases/min from the first case's read to the last finished case
     driver_ms: float  # driver CPU per case, the whole run
-    steady_driver_ms: float  # driver CPU per case after the first finished case
+    steady_driver_ms: float  # driver CPU per case from the first case's read to the last finished case
     peak: int  # cluster bytes
     idle: int
 
@@ -215,8 +222,10 @@ def pipeline(archive: str, out: str, coarse: str, fine: str, engine: EngineConfi
              actors: int | None, cases_per_block: int = 1) -> PipelineRun:
     """A run on a fresh local Ray: its time, start-up, steady rate, driver CPU and cluster memory.
 
-    Steady throughput counts the cases after the first finished one over the time since then,
-    i.e. without the start of the actor pools."""
+    Steady throughput counts every case over the time from the first case's read to the last
+    finished case, i.e. without the start of the actor pools. (Counted from the first *finished*
+    case, it measured only the finish tasks' tail when reads kept the task slot until the last
+    read: the first row came after all reads, and the rate after it was the finishing alone.)"""
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     try:
         time.sleep(2)
@@ -232,11 +241,12 @@ def pipeline(archive: str, out: str, coarse: str, fine: str, engine: EngineConfi
         bad = [r for r in rows if r["status"] not in ("ok", "no_organ")]
         assert not bad, bad[:3]
         ends = sorted(r["finished_at"].timestamp() for r in rows)
-        steady = 60 * (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else float("nan")
+        begun = min(r["started_at"].timestamp() for r in rows)
+        steady = 60 * len(rows) / (ends[-1] - begun)
         cpu = monitor.cpu[-1][1] - monitor.cpu[0][1]
-        steady_cpu = monitor.cpu_at(ends[-1]) - monitor.cpu_at(ends[0])
-        return PipelineRun(seconds, ends[0] - wall, steady, 1000 * cpu / len(rows),
-                           1000 * steady_cpu / max(1, len(rows) - 1), monitor.peak, idle)
+        steady_cpu = monitor.cpu_at(ends[-1]) - monitor.cpu_at(begun)
+        return PipelineRun(seconds, ends[0] - wall, begun - wall, steady, 1000 * cpu / len(rows),
+                           1000 * steady_cpu / len(rows), monitor.peak, idle)
     finally:
         ray.shutdown()
 
@@ -270,8 +280,8 @@ def tiny_ceiling(work: Path, cases: int, cases_per_block: int, profile: str | No
         Path(profile).write_text(sampler.report())
     print(f"tiny-case ceiling ({cases} cases 32^3, one window per stage, {cases_per_block} case(s) per block, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}): "
-          f"{cases / run.seconds:.1f} cases/s overall, {run.steady / 60:.1f} cases/s steady, first case after "
-          f"{run.first_s:.1f} s; driver CPU {run.driver_ms:.1f} ms/case (steady {run.steady_driver_ms:.1f}); peak cluster memory {run.peak / 2**20:.0f} MiB"
+          f"{cases / run.seconds:.1f} cases/s overall, {run.steady / 60:.1f} cases/s steady, first read after "
+          f"{run.start_s:.1f} s, first case after {run.first_s:.1f} s; driver CPU {run.driver_ms:.1f} ms/case (steady {run.steady_driver_ms:.1f}); peak cluster memory {run.peak / 2**20:.0f} MiB"
           + (f"; profile in {profile}" if profile else ""), flush=True)
 
 
@@ -329,7 +339,7 @@ def compare(args: argparse.Namespace, work: Path) -> None:
         run = pipeline(archive, tempfile.mkdtemp(prefix=f"out-{shape}-", dir=work), coarse, fine, engine, shape, actors[shape])
         print(f"pipeline {shape} ({actors[shape]} actor(s)/pool): {run.seconds:.1f} s, {60 * args.cases / run.seconds:.2f} "
               f"cases/min, ratio vs best loop {60 * args.cases / run.seconds / best:.2f}; steady {run.steady:.2f} cases/min, "
-              f"steady ratio vs best loop {run.steady / best:.2f}; start-up (first case) {run.first_s:.1f} s; "
+              f"steady ratio vs best loop {run.steady / best:.2f}; start-up: first read {run.start_s:.1f} s, first case {run.first_s:.1f} s; "
               f"driver CPU {run.driver_ms:.1f} ms/case (steady {run.steady_driver_ms:.1f}); peak cluster memory {run.peak / 2**20:.0f} MiB "
               f"(idle {run.idle / 2**20:.0f} MiB)", flush=True)
         if shape == args.shapes[0]:
