@@ -365,7 +365,7 @@ def add_archive_flags(parser: argparse.ArgumentParser) -> None:
     option(parser, "--cpus-per-actor", Resources, "cpus_per_actor", type=float,
            help="CPUs reserved per actor (default: 1, less where the nodes have few CPUs)")
     option(parser, "--task-cpus", Resources, "task_cpus", type=float,
-           help="CPUs reserved per read or finish task (default: 1, less where the nodes have few CPUs: a read and a finish fit beside the actors)")
+           help="CPUs reserved per read or finish task (default: 1, less where the nodes have few CPUs)")
     option(parser, "--read-tasks", Resources, "read_tasks", help="concurrent read/preprocess and write/metrics tasks")
     option(parser, "--cases-per-block", Resources, "cases_per_block", type=int,
            help="cases per Ray Data block (one task per stage; a block whose process dies is streamed again one case "

@@ -71,20 +71,20 @@ def fit_cpus(actors: int, node_cpus: list[float], actor: float | None = None, ta
     with room for a read or finish task, nothing ever moves and no error is raised (measured:
     two 0.5-CPU actors on two 1-CPU nodes starved 1-CPU read tasks forever). Defaults are 1
     CPU each, lowered where nodes are small or actors many (fractions are fine: reservations
-    are bookkeeping) so that all `actors` and two tasks fit, a read and a finish at once, and any
-    node hosting an actor keeps room for a task. With room for one task only, reads took it
-    while they had input and no case was finished, written or resumable before the last read
-    (bench/pipeline.py, 300 tiny cases on 2 CPUs: the first row after 24.9 s, with room for two
-    8.6 s). Given values must at least fit: actors x actor + task on the cluster, actor + task
-    on one node. A cluster without CPU nodes yet (autoscaling from zero) is not checked.
+    are bookkeeping) so that all `actors` and one task fit, and any node hosting an actor keeps
+    room for a task. Room for two (a read and a finish at once) gave the first row sooner where
+    one task fits (Ray Data reserves upstream first: reads hold the slot while they have input)
+    but cost 12-15 % of the throughput on 2 CPUs, the actors losing CPU to the extra task
+    (bench/pipeline.py 40 cases, A/B twice: 38-40 s vs 43-47 s). Given values must at least fit: actors x actor + task on the cluster,
+    actor + task on one node. A cluster without CPU nodes yet (autoscaling from zero) is not
+    checked.
     """
     total, smallest = sum(node_cpus), min(node_cpus)
     if total <= 0:  # no worker node yet: an autoscaling cluster will bring them
         return actor if actor is not None else 1.0, task if task is not None else 1.0
-    task = task if task is not None else min(1.0, smallest / 2, total / (actors + 2))
+    task = task if task is not None else min(1.0, smallest / 2)
     if actor is None:
-        beside = 2 * task if total - 2 * task > 0 else task  # a given task too large for two: room for one
-        actor = min(1.0, smallest - task, (total - beside) / actors)
+        actor = min(1.0, smallest - task, (total - task) / actors)
     if actor <= 0 or actors * actor + task > total + 1e-9 or actor + task > max(node_cpus) + 1e-9:
         raise InputError(
             "--cpus-per-actor",
