@@ -141,6 +141,11 @@ def _where(frame) -> str:  # noqa: ANN001
     return f"{code.co_name} ({'/'.join(code.co_filename.split('/')[-2:])}:{code.co_firstlineno})"
 
 
+def cluster_pss() -> int:
+    """Summed PSS of this process and all its descendants: the driver and its local Ray cluster."""
+    return sum(pss_bytes(p) for p in descendants(os.getpid()))
+
+
 class Monitor:
     """Peak summed PSS of this process and all its descendants (the local Ray cluster) every
     `pss_every` s, and the driver's CPU seconds over time (without this thread's own) every `every`
@@ -157,11 +162,10 @@ class Monitor:
         while not self._stop.is_set():
             self.cpu.append((time.time(), driver_cpu_s() - time.thread_time()))
             if time.time() - swept >= self.pss_every:
-                swept = time.time()
-                self.peak = max(self.peak, sum(pss_bytes(p) for p in descendants(os.getpid())))
+                swept, self.peak = time.time(), max(self.peak, cluster_pss())
             self._stop.wait(self.every)
         self.cpu.append((time.time(), driver_cpu_s() - time.thread_time()))
-        self.peak = max(self.peak, sum(pss_bytes(p) for p in descendants(os.getpid())))
+        self.peak = max(self.peak, cluster_pss())
 
     def cpu_at(self, when: float) -> float:
         """The driver's CPU seconds at `when` (the last sample before it)."""
@@ -229,7 +233,7 @@ def pipeline(archive: str, out: str, coarse: str, fine: str, engine: EngineConfi
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     try:
         time.sleep(2)
-        idle = sum(pss_bytes(p) for p in descendants(os.getpid()))
+        idle = cluster_pss()
         resources = Resources(shape=shape, coarse_actors=actors, fine_actors=actors, threads_per_actor=1,
                               cases_per_block=cases_per_block)
         job = ArchiveJob(input=archive, output=out, coarse=coarse, fine=fine, engine=engine, resources=resources)

@@ -75,9 +75,9 @@ def fit_cpus(actors: int, node_cpus: list[float], actor: float | None = None, ta
     room for a task. Room for two (a read and a finish at once) gave the first row sooner where
     one task fits (Ray Data reserves upstream first: reads hold the slot while they have input)
     but cost 12-15 % of the throughput on 2 CPUs, the actors losing CPU to the extra task
-    (bench/pipeline.py 40 cases, A/B twice: 38-40 s vs 43-47 s). Given values must at least fit: actors x actor + task on the cluster,
-    actor + task on one node. A cluster without CPU nodes yet (autoscaling from zero) is not
-    checked.
+    (bench/pipeline.py 40 cases, A/B twice: 38-40 s vs 43-47 s). Given values must at least
+    fit: actors x actor + task on the cluster, actor + task on one node. A cluster without CPU
+    nodes yet (autoscaling from zero) is not checked.
     """
     total, smallest = sum(node_cpus), min(node_cpus)
     if total <= 0:  # no worker node yet: an autoscaling cluster will bring them
