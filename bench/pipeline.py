@@ -223,7 +223,7 @@ class PipelineRun:
 
 
 def pipeline(archive: str, out: str, coarse: str, fine: str, engine: EngineConfig, shape: str,
-             actors: int | None, cases_per_block: int = 1) -> PipelineRun:
+             actors: int | None, cases_per_block: int | None = None) -> PipelineRun:
     """A run on a fresh local Ray: its time, start-up, steady rate, driver CPU and cluster memory.
 
     Steady throughput counts every case over the time from the first case's read to the last
@@ -265,7 +265,7 @@ def random_bundles(work: Path) -> tuple[str, str]:
     return uris
 
 
-def tiny_ceiling(work: Path, cases: int, cases_per_block: int, profile: str | None) -> None:
+def tiny_ceiling(work: Path, cases: int, cases_per_block: int | None, profile: str | None) -> None:
     """Cases/s and driver CPU per case when the cases cost almost nothing: the orchestration ceiling."""
     files = list_cases(str(work / "tiny-files")) if (work / "tiny-files").exists() else []
     if not files:
@@ -282,7 +282,7 @@ def tiny_ceiling(work: Path, cases: int, cases_per_block: int, profile: str | No
         run = pipeline(str(manifest), out, coarse, fine, engine, "whole", None, cases_per_block)
     if profile:
         Path(profile).write_text(sampler.report())
-    print(f"tiny-case ceiling ({cases} cases 32^3, one window per stage, {cases_per_block} case(s) per block, "
+    print(f"tiny-case ceiling ({cases} cases 32^3, one window per stage, {cases_per_block or 'default'} case(s) per block, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}): "
           f"{cases / run.seconds:.1f} cases/s overall, {run.steady / 60:.1f} cases/s steady, first read after "
           f"{run.start_s:.1f} s, first case after {run.first_s:.1f} s; driver CPU {run.driver_ms:.1f} ms/case (steady {run.steady_driver_ms:.1f}); peak cluster memory {run.peak / 2**20:.0f} MiB"
@@ -300,7 +300,8 @@ def main() -> None:
     parser.add_argument("--n-coarse", type=int, default=2)
     parser.add_argument("--n-fine", type=int, default=2)
     parser.add_argument("--tiny", type=int, default=300, help="tiny cases for the orchestration ceiling (0: none)")
-    parser.add_argument("--tiny-blocks", type=int, nargs="+", default=[1, 8], help="cases per block of the tiny runs")
+    parser.add_argument("--tiny-blocks", type=int, nargs="+", default=[0, 1],
+                        help="cases per block of the tiny runs (0: the job's default, `pipeline.block_size`)")
     parser.add_argument("--profile", help="write where the driver's threads spent the tiny run (sampled stacks) to this file")
     parser.add_argument("--work", help="working folder (default: a temporary one)")
     args = parser.parse_args()
@@ -311,7 +312,7 @@ def main() -> None:
     if args.cases:
         compare(args, work)
     for cases_per_block in args.tiny_blocks if args.tiny else ():
-        tiny_ceiling(work, args.tiny, cases_per_block, args.profile and f"{args.profile}.{cases_per_block}")
+        tiny_ceiling(work, args.tiny, cases_per_block or None, args.profile and f"{args.profile}.{cases_per_block}")
     print(f"load average now {os.getloadavg()[0]:.1f}; masks and rows under {work}")
 
 

@@ -369,7 +369,8 @@ def add_archive_flags(parser: argparse.ArgumentParser) -> None:
     option(parser, "--read-tasks", Resources, "read_tasks", help="concurrent read/preprocess and write/metrics tasks")
     option(parser, "--cases-per-block", Resources, "cases_per_block", type=int,
            help="cases per Ray Data block (one task per stage; a block whose process dies is streamed again one case "
-                "per block); more cuts the driver's work per case; default: 1, or enough for at most 2000 blocks")
+                "per block); more cuts the work per case; default: small cases share blocks of ~2 MB stored, a real CT "
+                "stays alone, at most 2000 blocks")
     option(parser, "--actor-timeout", Resources, "actor_start_timeout_s",
            help="seconds to wait for the first model actor before failing (e.g. no GPU node)")
     option(parser, "--max-case-gb", Resources, "max_case_gb", type=float,

@@ -231,7 +231,7 @@ class Resources(Settings):
     task_cpus: float | None = None  # each read/preprocess and finish/write task; None: fitted
     threads_per_actor: int | None = None  # torch CPU threads per actor; None: round(cpus_per_actor), at least 1
     read_tasks: int = 2
-    cases_per_block: int | None = None  # cases per Ray Data block (one task per stage); None: 1, more past `pipeline.MAX_BLOCKS` cases
+    cases_per_block: int | None = None  # cases per Ray Data block (one task per stage); None: by the cases' size (`pipeline.block_size`)
     actor_start_timeout_s: float = 600.0  # fail instead of hanging when no node can host an actor
     max_case_gb: float | None = None  # memory one case may need (reserved per task and actor); None: 1/8 of the smallest node's
     case_timeout_s: float | None = 3600.0  # a case still running this long after its read began becomes an error row

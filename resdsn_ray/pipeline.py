@@ -85,6 +85,12 @@ PROCESS_RETRIES = 2
 # and its ref; bench/driver.py: 5,000 blocks of one case 2.4 ms/case, of 8 cases 0.32), and more
 # in the scheduling loop as the stream runs: past this many cases a stream puts several cases in a block.
 MAX_BLOCKS = 2000
+# Small cases share blocks of about this many stored bytes: a block costs the driver ~30-40 ms CPU
+# as it streams and each task and actor call tens of ms more, which a tiny case cannot carry (32^3,
+# 41 KB stored, ~45 ms of stage work on a CPU); a CT of real size (tens of MB) stays alone in its block.
+BLOCK_BYTES = 2_000_000
+BLOCKS_PER_ACTOR = 8  # sharing blocks leaves at least this many per model actor, so the actors stay balanced
+SIZE_SAMPLE = 16  # cases whose stored size, spread evenly over a stream's rows, gives its typical case
 # Cases a stream lost (their processes died on every retry) go through a fresh stream this many
 # more times: a node lost mid-run fails the calls in flight on it at once, before Ray has moved
 # its actors, so their retries are spent in seconds; a new stream schedules them on the nodes left.
@@ -329,6 +335,8 @@ def _stream(rows: pa.Table, build: Callable[[pa.Table, int], Any], cases_per_blo
     for again in range(LOST_CASE_PASSES + 1):
         if not rows.num_rows:
             return
+        if not again and cases_per_block > 1:
+            say(f"{cases_per_block} cases per block (`--cases-per-block`)")
         if again:
             say(f"{rows.num_rows} case(s) lost with their worker processes or nodes: streaming them again, "
                 f"one per block ({again} of {LOST_CASE_PASSES})")
@@ -347,8 +355,28 @@ def _stream(rows: pa.Table, build: Callable[[pa.Table, int], Any], cases_per_blo
 
 
 def block_size(job: ArchiveJob, rows: pa.Table) -> int:
-    """As asked, else one case per block up to `MAX_BLOCKS` cases, then enough for `MAX_BLOCKS` blocks."""
-    return job.resources.cases_per_block or max(1, -(-rows.num_rows // MAX_BLOCKS))
+    """Cases per block: as asked; else enough to share `BLOCK_BYTES` of typical cases, as long as
+    every model actor gets `BLOCKS_PER_ACTOR` blocks; at least enough for `MAX_BLOCKS` blocks."""
+    res = job.resources
+    if res.cases_per_block:
+        return res.cases_per_block
+    fewest = max(1, -(-rows.num_rows // MAX_BLOCKS))
+    spread = rows.num_rows // (BLOCKS_PER_ACTOR * (res.coarse_actors or 1))
+    typical = typical_bytes(rows["image_uri"]) if spread > fewest else None
+    return max(fewest, min(spread, BLOCK_BYTES // max(typical, 1))) if typical is not None else fewest
+
+
+def typical_bytes(uris: pa.ChunkedArray) -> int | None:
+    """The median stored size of `SIZE_SAMPLE` of `uris` spread evenly (None: none could be sized;
+    a case that cannot be read becomes its error row later, not here)."""
+    picks = np.unique(np.linspace(0, len(uris) - 1, SIZE_SAMPLE).round().astype(np.int64))
+    sizes = []
+    for uri in uris.take(pa.array(picks)).to_pylist():
+        try:
+            sizes.append(storage.stored_bytes(uri))
+        except OSError:
+            continue
+    return int(np.median(sizes)) if sizes else None
 
 
 def _start_failure(job: ArchiveJob) -> InputError:

@@ -116,6 +116,16 @@ def exists(uri: str) -> bool:
     return True
 
 
+def stored_bytes(uri: str) -> int:
+    """Bytes `uri` takes in storage: a file's size, or the sum of the files directly in a folder
+    (a DICOM series)."""
+    fs, path = filesystem(uri)
+    info = fs.info(path)
+    if info["type"] != "directory":
+        return int(info.get("size") or 0)
+    return sum(int(entry.get("size") or 0) for entry in fs.ls(path, detail=True) if entry["type"] == "file")
+
+
 def is_file(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     """`fs.isfile(path)` that raises on a failure to ask instead of answering False."""
     try:

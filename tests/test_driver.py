@@ -5,15 +5,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from resdsn_ray import lease, runs
-from resdsn_ray.archive import Case
+from resdsn_ray import lease, runs, storage
+from resdsn_ray.archive import Case, list_cases
 from resdsn_ray.config import ArchiveJob, OutputConfig
 from resdsn_ray.errors import InputError
 from resdsn_ray.config import Resources
-from resdsn_ray.pipeline import MAX_BLOCKS, PLAN_CHUNK, RunResult, _RowWriter, block_size, plan_run, run_archive
+from resdsn_ray.pipeline import (
+    BLOCK_BYTES,
+    BLOCKS_PER_ACTOR,
+    MAX_BLOCKS,
+    PLAN_CHUNK,
+    RunResult,
+    _RowWriter,
+    block_size,
+    plan_run,
+    run_archive,
+    typical_bytes,
+)
 from resdsn_ray.provenance import utc_now
 from resdsn_ray.synthetic import write_archive
 
@@ -93,9 +105,38 @@ def test_the_plan_sorts_cases_into_arrow_tables_by_what_they_need(tmp_path: Path
     assert {r["attempt"] for r in todo[1:]} == {1}
 
 
-def test_blocks_hold_one_case_until_there_are_too_many_blocks():
-    job = ArchiveJob(input="unused", output="unused", coarse=None, fine=None)
-    sizes = {n: block_size(job, pa.table({"case_id": [str(i) for i in range(n)]})) for n in (1, MAX_BLOCKS, MAX_BLOCKS + 1, 50 * MAX_BLOCKS)}
+def _rows(uris: list[str], n: int) -> pa.Table:
+    return pa.table({"case_id": [str(i) for i in range(n)], "image_uri": [uris[i % len(uris)] for i in range(n)]})
+
+
+def _job(**resources) -> ArchiveJob:
+    return ArchiveJob(input="unused", output="unused", coarse=None, fine=None, resources=Resources(**resources))
+
+
+def test_cases_of_real_size_hold_a_block_each_until_there_are_too_many_blocks(tmp_path: Path):
+    big = tmp_path / "big.nii.gz"
+    big.write_bytes(bytes(BLOCK_BYTES + 1))
+    sizes = {n: block_size(_job(coarse_actors=2), _rows([str(big)], n)) for n in (1, MAX_BLOCKS, MAX_BLOCKS + 1, 50 * MAX_BLOCKS)}
     assert sizes == {1: 1, MAX_BLOCKS: 1, MAX_BLOCKS + 1: 2, 50 * MAX_BLOCKS: 50}
-    asked = ArchiveJob(input="unused", output="unused", coarse=None, fine=None, resources=Resources(cases_per_block=8))
-    assert block_size(asked, pa.table({"case_id": ["a"]})) == 8
+    assert block_size(_job(cases_per_block=8), _rows([str(big)], 1)) == 8  # as asked
+
+
+def test_small_cases_share_blocks_while_every_actor_keeps_several(tmp_path: Path):
+    write_archive(str(tmp_path / "tiny"), cases=4, seed=0, shape=(32, 32, 32))
+    uris = [c.image_uri for c in list_cases(str(tmp_path / "tiny"))]
+    typical = typical_bytes(pa.chunked_array([uris]))
+    assert typical == int(np.median([Path(u).stat().st_size for u in uris])) and BLOCK_BYTES // typical > 8
+    assert block_size(_job(coarse_actors=2), _rows(uris, 10)) == 1  # too few cases to share blocks
+    assert block_size(_job(coarse_actors=2), _rows(uris, 600)) == 600 // (BLOCKS_PER_ACTOR * 2)  # balance first
+    assert block_size(_job(coarse_actors=1), _rows(uris, 10_000)) == BLOCK_BYTES // typical  # then size
+    missing = [str(tmp_path / "gone.nii.gz")]  # unsizeable: its read will say why; the blocks stay plain
+    assert typical_bytes(pa.chunked_array([missing])) is None and block_size(_job(), _rows(missing, 600)) == 1
+
+
+def test_a_series_folder_is_sized_by_its_files_on_s3(s3_bucket: str, ct5n_dir: Path):
+    folder = f"{s3_bucket}/series"
+    files = sorted(p for p in ct5n_dir.iterdir() if p.is_file())
+    for path in files:
+        storage.write_bytes(f"{folder}/{path.name}", path.read_bytes())
+    assert storage.stored_bytes(folder) == sum(p.stat().st_size for p in files)
+    assert storage.stored_bytes(f"{folder}/{files[0].name}") == files[0].stat().st_size

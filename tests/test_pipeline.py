@@ -236,6 +236,20 @@ def test_bad_inputs_each_give_one_error_row_and_good_cases_complete(ray_driver, 
     assert masks == sorted(["dicom_good.nii.gz", "good_0.nii.gz", *(f"{case_id}.nii.gz" for case_id in series)])
 
 
+def test_small_cases_share_blocks_by_default_and_each_gets_its_row(ray_driver, bundles, tmp_path):
+    """Tiny files share blocks (`pipeline.block_size`: 2 actors keep 8 blocks each of 32 cases)."""
+    archive = str(tmp_path / "tiny")
+    write_archive(archive, cases=32, seed=6, shape=(24, 24, 16))
+    lines: list[str] = []
+    result = run_archive(job(archive, str(tmp_path / "out"), bundles), say=lines.append)
+    assert "2 cases per block (`--cases-per-block`)" in lines
+    rows = result.rows
+    assert sorted(r["case_id"] for r in rows) == [f"case_{i:04d}" for i in range(32)]
+    assert {r["status"] for r in rows} <= {"ok", "no_organ"}, [r["error"] for r in rows]
+    for row in rows[::7]:
+        assert load_mask(row["mask_uri"]).shape == (24, 24, 16)
+
+
 def test_single_stage_modes_run_through_the_stage_functions(ray_driver, archive, bundles, bucket):
     # The whole-case actor class runs any engine mode; here its code runs in this process.
     coarse_only = replace(ENGINE, mode="coarse")
@@ -323,4 +337,5 @@ def test_a_case_that_kills_its_block_fails_alone(ray_driver, tmp_path):
     assert passes == [(["a", "bad", "c", "d", "e"], 2), (["a", "bad"], 1)]
     assert {case: r["status"] for case, r in rows.items()} == {"a": "ok", "bad": "error", "c": "ok", "d": "ok", "e": "ok"}
     assert rows["bad"]["retryable"] and "died" in rows["bad"]["error"]
-    assert lines == ["2 case(s) lost with their worker processes or nodes: streaming them again, one per block (1 of 1)"]
+    assert lines == ["2 cases per block (`--cases-per-block`)",
+                     "2 case(s) lost with their worker processes or nodes: streaming them again, one per block (1 of 1)"]
