@@ -116,7 +116,8 @@ def _job(**resources) -> ArchiveJob:
 def test_cases_of_real_size_hold_a_block_each_until_there_are_too_many_blocks(tmp_path: Path):
     big = tmp_path / "big.nii.gz"
     big.write_bytes(bytes(BLOCK_BYTES + 1))
-    sizes = {n: block_size(_job(coarse_actors=2), _rows([str(big)], n)) for n in (1, MAX_BLOCKS, MAX_BLOCKS + 1, 50 * MAX_BLOCKS)}
+    sizes = {n: block_size(_job(coarse_actors=2), _rows([str(big)], n))
+             for n in (1, MAX_BLOCKS, MAX_BLOCKS + 1, 50 * MAX_BLOCKS)}
     assert sizes == {1: 1, MAX_BLOCKS: 1, MAX_BLOCKS + 1: 2, 50 * MAX_BLOCKS: 50}
     assert block_size(_job(cases_per_block=8), _rows([str(big)], 1)) == 8  # as asked
 

@@ -19,7 +19,7 @@ from resdsn_ray.engine import CoarseToFine
 from resdsn_ray.errors import InputError
 from resdsn_ray.model import build_model
 from resdsn_ray.model_stages import CoarseStage, FineStage, WholeCase
-from resdsn_ray.stages import finish_case, read_case
+from resdsn_ray.stages import compact_hu, finish_case, read_case
 from resdsn_ray.synthetic import write_archive
 
 ENGINE = EngineConfig(coarse=WindowConfig(n=1), fine=WindowConfig(n=1), device="cpu")
@@ -55,6 +55,28 @@ def test_read_whole_finish_give_the_engines_mask_on_the_input_grid(tmp_path: Pat
     assert np.array_equal(np.asarray(written.dataobj), expected)
     assert volumes.read_description(str(tmp_path / "m.nii.gz")) == runs.mask_stamp("cfg", "r1", 1)
     assert out["dsc"] is not None and out["device"] == "cpu"
+
+
+def test_the_image_rides_as_int16_where_lossless_and_the_statistics_do_not_move(tmp_path: Path,
+                                                                                 bundles: dict[str, str]):
+    write_archive(str(tmp_path / "a"), cases=1, seed=4, shape=(40, 36, 24))
+    image, label = tmp_path / "a/imagesTr/case_0000.nii.gz", tmp_path / "a/labelsTr/case_0000.nii.gz"
+    coarse, fine = load_bundle(bundles["coarse"]), load_bundle(bundles["fine"])
+    row = read_case(case_row(str(image), str(label), str(tmp_path / "m.nii.gz")), coarse.preprocess, fine.preprocess)
+    hu = volumes.read_volume(str(image)).array
+    assert row["image"].dtype == np.int16 and np.array_equal(row["image"], hu)
+    row = WholeCase(bundles["coarse"], bundles["fine"], ENGINE)(row)
+    # The label as the mask, so that there are statistics to compare.
+    row.update(mask_at=[0, 0, 0, *hu.shape], mask_box=volumes.read_volume(str(label)).array, post_done=True,
+               to_write=["mask", "preview"], preview_uri=str(tmp_path / "p.png"))
+    outputs = OutputConfig(preview=True)
+    carried, as_read = finish_case(dict(row), 0.0, outputs), finish_case(dict(row, image=hu), 0.0, outputs)
+    assert carried["status"] == "ok" and carried["mask_hu_mean"] is not None and carried["preview_uri"]
+    compared = ("mask_hu_mean", "mask_hu_std", "dsc")
+    assert {k: carried[k] for k in compared} == {k: as_read[k] for k in compared}
+
+    for kept in (hu + np.float32(0.5), np.where(hu > 0, np.float32(np.inf), hu), hu * np.float32(40)):  # not int16
+        assert compact_hu(kept) is kept
 
 
 def test_on_no_organ_fine_in_split_pools_gives_the_engines_fallback_mask(tmp_path: Path, bundles: dict[str, str]):
