@@ -367,15 +367,17 @@ def block_size(job: ArchiveJob, rows: pa.Table) -> int:
 
 
 def typical_bytes(uris: pa.ChunkedArray) -> int | None:
-    """The median stored size of `SIZE_SAMPLE` of `uris` spread evenly (None: none could be sized;
-    a case that cannot be read becomes its error row later, not here)."""
+    """The median stored size of `SIZE_SAMPLE` of `uris` spread evenly (None: none could be sized).
+    A size is a hint: a case that cannot be sized, even for a store down after its retries, is
+    left to its read, which makes it an error row naming why."""
     picks = np.unique(np.linspace(0, len(uris) - 1, SIZE_SAMPLE).round().astype(np.int64))
     sizes = []
     for uri in uris.take(pa.array(picks)).to_pylist():
         try:
             sizes.append(storage.stored_bytes(uri))
-        except OSError:
-            continue
+        except Exception as err:
+            if not (isinstance(err, OSError) or storage.is_retryable(err)):
+                raise
     return int(np.median(sizes)) if sizes else None
 
 

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from fault_proxy import FaultProxy
 
 from resdsn_ray import lease, runs, storage
 from resdsn_ray.errors import InputError
+from resdsn_ray.pipeline import typical_bytes
 from resdsn_ray.volumes import nifti_bytes, read_volume
 
 pytestmark = pytest.mark.s3
@@ -169,6 +171,8 @@ def test_a_store_that_stays_down_fails_bounded_retryable_and_never_as_missing(pr
     failing(lambda: storage.exists(f"{root}/a.bin"))
     failing(lambda: storage.exists(f"{root}/never-written.bin"))
     failing(lambda: storage.write_bytes(f"{root}/b.bin", b"y"))
+    failing(lambda: storage.stored_bytes(f"{root}/ct5n"))
+    assert typical_bytes(pa.chunked_array([[f"{root}/a.bin"]])) is None  # a hint: the run's blocks stay plain
     for uri in (f"{root}/a.bin", f"{root}/ct5n", f"{root}/never-written.nii.gz"):
         err = failing(lambda: read_volume(uri))
         assert isinstance(err, InputError) and "cannot access" in str(err) and "does not exist" not in str(err)
