@@ -13,7 +13,8 @@ On one synthetic archive and the same cores, in one run:
 4. the driver's own CPU time per case (this process, all its threads: Ray Data's scheduling
    loop, row conversion, Parquet parts) in every pipeline run;
 5. with `--tiny N`, the orchestration ceiling: N tiny cases (32^3, one window per stage, random
-   width-8 bundles; a manifest of N ids over a few real files) through `run_archive`, in cases/s.
+   width-8 bundles; a manifest of N ids over a few real files) through `run_archive`, in cases/s,
+   at the job's default block size and at each of `--tiny-blocks` cases per block.
 Goals: pipeline/loop steady throughput >= 1.0 (start-up shown apart); peak memory(full)/peak
 memory(small) <= 1.2; driver CPU <= 10 ms per case; tiny-case ceiling >= 30 cases/s on 2 cores.
 Without trained demo bundles it uses random ResDSN bundles (width 8, patch 32): the timing
